@@ -1,0 +1,76 @@
+"""The hooks a diffulex plugin may implement.
+
+A plugin is a module (or object) named by an entry point in the group ``diffulex``;
+its functions marked with :data:`diffulex_core.hookimpl` are the implementations.
+An implementation may accept any subset of a hook's parameters, so hooks can gain
+optional parameters without breaking plugins written against older ones.
+"""
+
+import pluggy
+
+PROJECT_NAME = "diffulex"
+ENTRY_POINT_GROUP = "diffulex"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def diffulex_register_families(register):
+    """Register the model families this plugin provides.
+
+    Called once per plugin, when plugins are first discovered. An exception raised here
+    marks the plugin as failed and withdraws every family it registered.
+
+    :param register: call ``register(name, factory, *, override=False)`` once per family.
+        ``factory`` builds the model: ``factory(config) -> torch.nn.Module`` where ``config``
+        is a mapping shaped like the checkpoint's ``config.json``. It may be a callable or a
+        lazy ``"package.module:attr"`` string, imported on first use. A name registered by two
+        plugins is an error unless one of them passes ``override=True``.
+    :return: ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def diffulex_resolve_weight(model, name, ctx):
+    """Say where checkpoint tensor ``name`` goes in ``model``.
+
+    Called once per checkpoint tensor while the load is planned, before module resolvers,
+    packed-module mappings and exact names are tried.
+
+    :param model: the ``torch.nn.Module`` being loaded (possibly on the meta device).
+    :param name: the tensor's full name in the checkpoint.
+    :param ctx: a ``LoadContext`` (family, engine config, tensor-parallel rank and size).
+    :return: a ``ResolvedWeight``, or ``None`` to let the next resolver try.
+        The first non-``None`` result wins.
+    """
+
+
+@hookspec
+def diffulex_packed_modules_mapping(model, config):
+    """Contribute packed-module mappings (checkpoint name segment -> parameter segment).
+
+    Called once per load, while the load is planned. The results of all plugins are merged
+    with the model's own ``packed_modules_mapping``; two plugins mapping the same key
+    differently is an error that names both.
+
+    :param model: the ``torch.nn.Module`` being loaded (possibly on the meta device).
+    :param config: the engine configuration passed to the loader (may be ``None``).
+    :return: a mapping ``{checkpoint_segment: (param_segment, shard_id)}``, or ``None``
+        when the plugin has nothing to add for this model.
+    """
+
+
+@hookspec(firstresult=True)
+def diffulex_fix_tokenizer(path, tokenizer_config, error):
+    """Offer keyword arguments that let a failing tokenizer load succeed.
+
+    Called after ``AutoTokenizer.from_pretrained(path, ...)`` raised and the built-in
+    fallbacks did not apply.
+
+    :param path: the tokenizer directory.
+    :param tokenizer_config: the parsed ``tokenizer_config.json`` (a dict; empty if absent).
+    :param error: the exception the last attempt raised.
+    :return: a dict of keyword arguments to retry ``from_pretrained`` with, or ``None``.
+        The first non-``None`` result wins.
+    """

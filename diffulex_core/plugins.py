@@ -1,0 +1,311 @@
+"""Plugin discovery: entry points of group ``diffulex``, each loaded in isolation.
+
+Discovery runs once, on first use (``get_plugins()``), never at ``import diffulex_core``.
+A plugin that fails to import, whose hookimpls do not fit the specs, or whose family
+registration raises is reported (with its entry-point name, distribution and version) and
+contributes nothing; the others still load. ``DIFFULEX_STRICT_PLUGINS=1`` makes any such
+failure fatal.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field, replace
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigurationError, PluginLoadError, PluginWarning
+from .registry import FamilyEntry, FamilyRegistry, validate_registration
+
+__all__ = [
+    "PluginInfo",
+    "PluginFailure",
+    "Plugins",
+    "get_plugins",
+    "get_plugin_manager",
+    "reset_plugins",
+]
+
+ENV_ALLOW = "DIFFULEX_PLUGINS"
+ENV_BLOCK = "DIFFULEX_DISABLE_PLUGINS"
+ENV_STRICT = "DIFFULEX_STRICT_PLUGINS"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One entry point of group ``diffulex``, and what it contributed once loaded."""
+
+    name: str
+    value: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        dist = f"{self.distribution} {self.version}" if self.distribution else "no distribution"
+        return f"plugin {self.name!r} ({dist})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": self.value,
+            "distribution": self.distribution,
+            "version": self.version,
+            "hooks": list(self.hooks),
+            "families": list(self.families),
+        }
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """Why a plugin (or a family it registered) is unusable."""
+
+    plugin: PluginInfo
+    stage: str  # "import", "validate", "register_families", "family_conflict", "not_installed"
+    message: str
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+
+    def describe(self) -> str:
+        return f"{self.plugin.label} failed at {self.stage}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plugin": self.plugin.name,
+            "distribution": self.plugin.distribution,
+            "version": self.plugin.version,
+            "stage": self.stage,
+            "message": self.message,
+            "exception_type": type(self.exception).__name__ if self.exception else None,
+        }
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """The outcome of one discovery: a hook manager, the registry, and every failure."""
+
+    manager: pluggy.PluginManager
+    registry: FamilyRegistry
+    loaded: tuple[PluginInfo, ...]
+    disabled: tuple[PluginInfo, ...]
+    failures: tuple[PluginFailure, ...]
+    strict: bool
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strict": self.strict,
+            "plugins": [p.to_dict() for p in self.loaded],
+            "disabled": [p.to_dict() for p in self.disabled],
+            "failures": [f.to_dict() for f in self.failures],
+            "families": {
+                e.name: {"factory": e.factory_name, "owner": e.owner, "override": e.override}
+                for e in self.registry.entries()
+            },
+        }
+
+
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+def _name_list(name: str) -> set[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return {_normalize(part) for part in raw.split(",") if part.strip()}
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _info(ep: EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    return PluginInfo(
+        name=ep.name,
+        value=ep.value,
+        distribution=dist.metadata["Name"] if dist is not None else None,
+        version=dist.version if dist is not None else None,
+    )
+
+
+def _matches(info: PluginInfo, names: set[str]) -> bool:
+    return _normalize(info.name) in names or (
+        info.distribution is not None and _normalize(info.distribution) in names
+    )
+
+
+def _new_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+_SPEC_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("diffulex_"))
+
+
+def _validate(obj: Any, info: PluginInfo) -> None:
+    """Register ``obj`` on a scratch manager so a bad plugin never half-registers on the real one."""
+    scratch = _new_manager()
+    scratch.register(obj, name=info.name)
+    try:
+        scratch.check_pending()
+    except pluggy.PluginValidationError as exc:
+        typo = re.search(r"unknown hook '(\w+)'", str(exc))
+        close = difflib.get_close_matches(typo.group(1), _SPEC_NAMES, n=1) if typo else []
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known hooks: {', '.join(_SPEC_NAMES)}"
+        raise pluggy.PluginValidationError(exc.plugin, f"{exc}{hint}") from None
+    if inspect.ismodule(obj):
+        marked = {impl.function for caller in scratch.get_hookcallers(obj) or () for impl in caller.get_hookimpls()}
+        for attr, value in vars(obj).items():
+            if (
+                attr.startswith("diffulex_")
+                and inspect.isfunction(value)
+                and value.__module__ == obj.__name__
+                and value not in marked
+            ):
+                raise pluggy.PluginValidationError(
+                    obj, f"{attr}() in {obj.__name__} is not marked with @diffulex_core.hookimpl and would never be called"
+                )
+
+
+class _Discovery:
+    """Loads every entry point of the group into one manager and one registry."""
+
+    def __init__(self) -> None:
+        self.manager = _new_manager()
+        self.registry = FamilyRegistry()
+        self.loaded: list[PluginInfo] = []
+        self.disabled: list[PluginInfo] = []
+        self.failures: list[PluginFailure] = []
+
+    def run(self, strict: bool, allow: set[str] | None, block: set[str]) -> Plugins:
+        found = sorted(
+            ((_info(ep), ep) for ep in entry_points(group=hookspecs.ENTRY_POINT_GROUP)),
+            key=lambda pair: (pair[0].name, pair[0].distribution or ""),
+        )
+        if allow is not None:
+            for missing in sorted(n for n in allow if not any(_matches(info, {n}) for info, _ in found)):
+                info = PluginInfo(name=missing, value="", distribution=None, version=None)
+                installed = ", ".join(i.name for i, _ in found) or "(none)"
+                self._fail(info, "not_installed", f"{ENV_ALLOW} names {missing!r}, which is not installed; installed: {installed}")
+        for info, ep in found:
+            if (allow is not None and not _matches(info, allow)) or _matches(info, block):
+                self.disabled.append(info)
+            else:
+                self._load(info, ep)
+        owners = {}
+        for entry in self.registry.entries():
+            owners.setdefault(entry.owner, []).append(entry.name)
+        self.loaded = [replace(p, families=tuple(owners.get(p.label, ()))) for p in self.loaded]
+        return Plugins(self.manager, self.registry, tuple(self.loaded), tuple(self.disabled),
+                       tuple(self.failures), strict)
+
+    def _fail(self, info: PluginInfo, stage: str, message: str, exc: BaseException | None = None) -> None:
+        self.failures.append(PluginFailure(info, stage, message, exc))
+
+    def _load(self, info: PluginInfo, ep: EntryPoint) -> None:
+        if self.manager.has_plugin(info.name):
+            other = next(p for p in self.loaded if p.name == info.name)
+            self._fail(info, "validate", f"entry-point name {info.name!r} is already used by {other.label}")
+            return
+        try:
+            obj = ep.load()
+        except Exception as exc:  # isolated: reported with the plugin named, others go on
+            self._fail(info, "import", f"cannot import {info.value!r}: {type(exc).__name__}: {exc}", exc)
+            return
+        try:
+            _validate(obj, info)
+        except pluggy.PluginValidationError as exc:
+            self._fail(info, "validate", str(exc), exc)
+            return
+        self.manager.register(obj, name=info.name)
+        try:
+            pending = self._call_register_families(obj, info)
+        except Exception as exc:  # the plugin is withdrawn whole, its families with it
+            self.manager.unregister(name=info.name)
+            self._fail(info, "register_families", f"diffulex_register_families raised {type(exc).__name__}: {exc}", exc)
+            return
+        hooks = tuple(sorted(c.name for c in self.manager.get_hookcallers(obj) or ()))
+        self.loaded.append(replace(info, hooks=hooks))
+        for entry in pending:
+            conflict = self.registry.add(entry)
+            if conflict is not None:
+                self._fail(info, "family_conflict", str(conflict), conflict)
+
+    def _call_register_families(self, obj: Any, info: PluginInfo) -> list[FamilyEntry]:
+        """Call this plugin's registration hook alone; keep its families until it returns."""
+        pending: list[FamilyEntry] = []
+
+        def register(name: str, factory: Any, *, override: bool = False) -> None:
+            validate_registration(name, factory, override)
+            if any(e.name == name for e in pending):
+                raise ValueError(f"family {name!r} registered twice by the same plugin")
+            pending.append(FamilyEntry(name, factory, info.label, override))
+
+        for impl in self.manager.hook.diffulex_register_families.get_hookimpls():
+            if impl.plugin is not obj:
+                continue
+            if impl.hookwrapper or impl.wrapper:
+                raise TypeError("diffulex_register_families must be a plain hookimpl, not a wrapper")
+            impl.function(**({"register": register} if "register" in impl.argnames else {}))
+        return pending
+
+
+_lock = threading.Lock()
+_plugins: Plugins | None = None
+
+
+def get_plugins() -> Plugins:
+    """Discover plugins on first call (thread-safe) and return the cached outcome.
+
+    Warns (``PluginWarning``) once per failure; raises ``PluginLoadError`` on every call
+    when ``DIFFULEX_STRICT_PLUGINS=1`` and anything failed.
+    """
+    global _plugins
+    with _lock:
+        if _plugins is None:
+            strict = _flag(ENV_STRICT)
+            allow, block = _name_list(ENV_ALLOW), _name_list(ENV_BLOCK) or set()
+            plugins = _Discovery().run(strict, allow, block)
+            if not strict:
+                for failure in plugins.failures:
+                    warnings.warn(f"{failure.describe()}; other plugins still loaded", PluginWarning, stacklevel=3)
+            _plugins = plugins
+    if _plugins.strict and _plugins.failures:
+        raise PluginLoadError(_plugins.failures)
+    return _plugins
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The pluggy manager holding every healthy plugin's hookimpls."""
+    return get_plugins().manager
+
+
+def reset_plugins() -> None:
+    """Forget the discovery outcome, so the next use discovers again (for tests)."""
+    global _plugins
+    with _lock:
+        _plugins = None

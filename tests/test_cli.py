@@ -1,0 +1,95 @@
+"""The ``diffulex`` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BUNDLED = {"llada": "diffulex-llada", "dream": "diffulex-dream", "sdar": "diffulex-sdar"}
+
+
+def diffulex(*args: str, pythonpath: str = "", **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DIFFULEX_")}
+    environ.update(env)
+    environ["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-m", "diffulex_core", *args], capture_output=True, text=True,
+                          env=environ, timeout=300)
+
+
+def test_plugins_json_lists_bundled_plugins_and_their_families():
+    result = diffulex("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    plugins = {p["name"]: p for p in data["plugins"]}
+    for name, dist in BUNDLED.items():
+        assert plugins[name]["distribution"] == dist
+        assert plugins[name]["families"] == [name]
+        assert data["families"][name]["factory"] == f"diffulex_{name}.model.build_{name}"
+    assert data["failures"] == []
+
+
+def test_broken_plugin_beside_a_healthy_one(plugin_path):
+    result = diffulex("plugins", "--json", pythonpath=plugin_path("healthy", "import_error"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "toy" in data["families"] and "toy" in next(p for p in data["plugins"] if p["name"] == "healthy")["families"]
+    [failure] = data["failures"]
+    assert (failure["plugin"], failure["distribution"], failure["version"], failure["stage"]) == (
+        "import_error", "diffulex-test-import-error", "0.1.0", "import")
+    assert failure["exception_type"] == "ModuleNotFoundError"
+    assert "PluginWarning" in result.stderr and "import_error" in result.stderr
+
+
+def test_plugins_text_output_names_factories_and_failures(plugin_path):
+    result = diffulex("plugins", pythonpath=plugin_path("healthy", "typo"))
+    assert result.returncode == 0
+    assert "family toy-lazy -> diffulex_test_healthy.build_toy" in result.stdout
+    assert "FAILED plugin 'typo' (diffulex-test-typo 0.1.0) failed at validate" in result.stdout
+
+
+def test_strict_failure_exits_non_zero_and_names_the_plugin(plugin_path):
+    result = diffulex("plugins", pythonpath=plugin_path("healthy", "register_error"), DIFFULEX_STRICT_PLUGINS="1")
+    assert result.returncode == 1
+    assert "PluginLoadError" in result.stderr
+    assert "plugin 'register_error' (diffulex-test-register-error 0.1.0)" in result.stderr
+
+
+@pytest.mark.parametrize("family", sorted(BUNDLED))
+def test_demo_builds_and_runs_each_bundled_family(family):
+    result = diffulex("demo", "--family", family, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["family"] == family and data["parameters"] > 0
+    assert data["logits_shape"][:2] == [1, 8]
+
+
+def test_demo_with_an_unknown_family_lists_the_known_ones():
+    result = diffulex("demo", "--family", "lladaa")
+    assert result.returncode == 1
+    assert "UnknownFamilyError" in result.stderr and "Did you mean 'llada'?" in result.stderr
+
+
+def test_import_is_cheap():
+    """No entry-point scan, no plugin, no transformers (nor torch) at ``import diffulex_core``."""
+    code = (
+        "import sys, importlib.metadata as md\n"
+        "calls = []\n"
+        "real = md.entry_points\n"
+        "md.entry_points = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "import diffulex_core\n"
+        "from diffulex_core import hookimpl\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'transformers', 'torch', 'safetensors', 'diffulex_llada', 'diffulex_dream', 'diffulex_sdar', 'diffulex_core.plugins'}"
+        " or m == 'diffulex_core.plugins')\n"
+        "print(len(calls), bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "0 []", result.stdout + result.stderr
+    importtime = subprocess.run([sys.executable, "-X", "importtime", "-c", "import diffulex_core"],
+                                capture_output=True, text=True, timeout=60)
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in importtime.stderr.splitlines()[1:]}
+    assert imported.isdisjoint({"transformers", "torch", "diffulex_llada", "diffulex_dream", "diffulex_sdar"})
