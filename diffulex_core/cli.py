@@ -1,10 +1,11 @@
-"""The ``diffulex`` command line: ``plugins`` and ``demo``."""
+"""The ``diffulex`` command line: ``plugins``, ``plan``, ``load`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import DiffulexError
@@ -45,9 +46,13 @@ def _first_embedding_rows(model: Any) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Discover plugins, build a family's model on the meta device and for real, run it once."""
-    import torch
+    """Build a family's tiny model, save it as safetensors, load it into a meta-built twin, compare."""
+    import tempfile
 
+    import torch
+    from safetensors.torch import save_model
+
+    from .loader import load_checkpoint
     from .plugins import get_plugins
 
     plugins = get_plugins()
@@ -56,39 +61,116 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise DiffulexError("no model family is installed; install a family plugin such as plugins/diffulex-llada")
     entry = plugins.registry.entry(family)
     factory = plugins.registry.get(family)
-    with torch.device("meta"):
-        dry = factory({})
-    params = {id(p): p for p in dry.parameters()}.values()  # tied parameters once
-    n_params = sum(p.numel() for p in params)
-    n_bytes = sum(p.numel() * p.element_size() for p in params)
     torch.manual_seed(0)
-    model = factory({}).eval()
-    vocab = _first_embedding_rows(model)
-    prompt = torch.arange(8).remainder(vocab).unsqueeze(0)
+    source = factory({}).eval()
+    with torch.device("meta"):
+        target = factory({})
+    with tempfile.TemporaryDirectory() as checkpoint:
+        save_model(source, f"{checkpoint}/model.safetensors")
+        report = load_checkpoint(target.eval(), checkpoint, family=family, device="cpu")
+    prompt = torch.arange(8).remainder(_first_embedding_rows(source)).unsqueeze(0)
     with torch.no_grad():
-        logits = model(prompt)
+        expected, got = source(prompt), target(prompt)
     result = {
         "families": plugins.registry.names(),
         "family": family,
         "factory": entry.factory_name,
         "owner": entry.owner,
-        "parameters": n_params,
-        "parameter_bytes": n_bytes,
+        "load": report.summary(),
+        "parameters": sum(p.numel() for p in target.parameters()),
         "prompt": prompt[0].tolist(),
-        "logits_shape": list(logits.shape),
-        "next_tokens": logits.argmax(-1)[0].tolist(),
+        "logits_shape": list(got.shape),
+        "next_tokens": got.argmax(-1)[0].tolist(),
+        "identical_to_source": bool(torch.equal(expected, got)),
         "plugin_failures": [f.describe() for f in plugins.failures],
     }
     if args.json:
         _print_json(result)
-        return 0
-    print(f"families installed: {', '.join(result['families'])}")
-    print(f"family {family}: factory {entry.factory_name} from {entry.owner}")
-    print(f"dry run on the meta device: {n_params:,} parameters, {n_bytes:,} bytes, no memory allocated")
-    print(f"forward on prompt {result['prompt']}: logits {tuple(logits.shape)}, argmax {result['next_tokens']}")
-    for failure in result["plugin_failures"]:
-        print(f"warning: {failure}")
-    return 0
+    else:
+        print(f"families installed: {', '.join(result['families'])}")
+        print(f"family {family}: factory {entry.factory_name} from {entry.owner}")
+        print(f"saved a tiny {family} model ({result['parameters']:,} parameters) and loaded it into a meta-built twin:")
+        print(f"  {result['load']}")
+        print(f"forward on prompt {result['prompt']}: logits {tuple(got.shape)}, argmax {result['next_tokens']}")
+        print(f"loaded model reproduces the source logits exactly: {result['identical_to_source']}")
+        for failure in result["plugin_failures"]:
+            print(f"warning: {failure}")
+    return 0 if result["identical_to_source"] else 1
+
+
+def _checkpoint_config(path: str) -> dict:
+    """The checkpoint's config.json (what family factories take), or {} when it has none."""
+    config_file = Path(path) / "config.json" if Path(path).is_dir() else Path(path).parent / "config.json"
+    if not config_file.exists():
+        return {}
+    try:
+        return json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise DiffulexError(f"{config_file} is not valid JSON: {exc}") from None
+
+
+def _build(family: str, path: str, device: str, dtype: str | None):
+    import torch
+
+    from .registry import get_family
+
+    torch_dtype = None
+    if dtype is not None:
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise DiffulexError(f"--dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16, ...)")
+    factory = get_family(family)
+    with torch.device(device):
+        model = factory(_checkpoint_config(path))
+    return model.to(torch_dtype) if torch_dtype is not None else model
+
+
+def _print_report(report, *, show_tensors: bool) -> None:
+    if show_tensors:
+        for p in report.placements:
+            target = p.target or p.note or "-"
+            shard = f" [shard {p.shard_id!r}]" if p.shard_id is not None else ""
+            note = f"; {p.note}" if p.note and p.target else ""
+            print(f"  {p.name}  {p.dtype}{list(p.shape)}  -> {p.kind} {target}{shard}  ({p.rule}{note})")
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(report.summary())
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Build the family's model on the meta device and plan the load from headers alone."""
+    from .loader import plan_checkpoint
+
+    model = _build(args.family, args.checkpoint, "meta", None)
+    report = plan_checkpoint(model, args.checkpoint, family=args.family).report
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(f"plan for {args.checkpoint} into family {args.family} ({type(model).__qualname__}, meta device):")
+        _print_report(report, show_tensors=True)
+    return 0 if report.ok else 1
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """Build the family's model on the meta device, then load (materializing it on --device)."""
+    from .errors import LoadPlanError
+    from .loader import load_checkpoint
+
+    model = _build(args.family, args.checkpoint, "meta", args.dtype)
+    try:
+        report = load_checkpoint(model, args.checkpoint, family=args.family, device=args.device, strict=not args.no_strict)
+    except LoadPlanError as exc:
+        if args.json:
+            _print_json(exc.report.to_dict())
+        print(f"diffulex: LoadPlanError: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        _print_report(report, show_tensors=False)
+    return 0 if report.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins, their hooks and families, and every failure")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plugins)
-    p = sub.add_parser("demo", help="build a family's tiny default model and run it once")
+    p = sub.add_parser("demo", help="save a family's tiny model, load it back through the loader, compare outputs")
     p.add_argument("--family", help="family name (default: the first installed, alphabetically)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("plan", help="plan a load from headers alone: every tensor's destination and rule")
+    p.add_argument("checkpoint", help="checkpoint file or directory")
+    p.add_argument("--family", required=True, help="model family (see `diffulex plugins`)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("load", help="load a checkpoint into the family's model and print the report")
+    p.add_argument("checkpoint", help="checkpoint file or directory")
+    p.add_argument("--family", required=True, help="model family (see `diffulex plugins`)")
+    p.add_argument("--device", default="cpu", help="where the parameters go (default: cpu)")
+    p.add_argument("--dtype", help="parameter dtype, e.g. bfloat16 (default: the family's)")
+    p.add_argument("--no-strict", action="store_true", help="load what fits and report the rest instead of failing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_load)
     return parser
 
 

@@ -41,3 +41,34 @@ class FamilyFactoryError(FamilyError):
 
 class PluginWarning(UserWarning):
     """A plugin failed and was skipped; the other plugins still work."""
+
+
+class LoadError(DiffulexError):
+    """Base class of every checkpoint-loading error. Unless it says otherwise, nothing was written."""
+
+
+class CheckpointNotFoundError(LoadError, FileNotFoundError):
+    """The checkpoint path does not exist, or holds no ``.safetensors`` file."""
+
+
+class CheckpointFormatError(LoadError):
+    """A checkpoint file or index is malformed (truncated, bad header, LFS pointer, pickle, ...)."""
+
+
+class LoadPlanError(LoadError):
+    """The load plan found problems (unexpected or missing tensors, shape or dtype mismatches).
+
+    ``report`` holds the full ``LoadReport``; nothing was written to the model.
+    """
+
+    def __init__(self, message: str, report) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class LoadApplyError(LoadError):
+    """Plugin or model code (a custom loader) raised while tensors were being written."""
+
+
+class WeightSpecError(LoadError, ValueError):
+    """A ``ResolvedWeight`` or packed-module mapping is malformed."""

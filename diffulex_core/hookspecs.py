@@ -74,3 +74,17 @@ def diffulex_fix_tokenizer(path, tokenizer_config, error):
     :return: a dict of keyword arguments to retry ``from_pretrained`` with, or ``None``.
         The first non-``None`` result wins.
     """
+
+
+@hookspec
+def diffulex_expected_missing(model):
+    """Name the parameters and buffers of ``model`` that checkpoints are expected to lack.
+
+    Called once per load, while the load is planned. Such names are not reported missing
+    (rotary caches and other derived buffers, for example). The model may also declare them
+    itself in a class attribute ``expected_missing_keys``.
+
+    :param model: the ``torch.nn.Module`` being loaded (possibly on the meta device).
+    :return: an iterable of names or ``fnmatch`` patterns (``"*.rotary_emb.*"``), or ``None``.
+        The results of all plugins are combined.
+    """

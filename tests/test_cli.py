@@ -65,6 +65,8 @@ def test_demo_builds_and_runs_each_bundled_family(family):
     data = json.loads(result.stdout)
     assert data["family"] == family and data["parameters"] > 0
     assert data["logits_shape"][:2] == [1, 8]
+    assert data["identical_to_source"] is True  # packed parameters load whole from an engine-format file
+    assert data["load"].startswith(f"{data['load'].split()[0]} tensors loaded (exact:")
 
 
 def test_demo_with_an_unknown_family_lists_the_known_ones():
@@ -93,3 +95,55 @@ def test_import_is_cheap():
                                 capture_output=True, text=True, timeout=60)
     imported = {line.split("|")[-1].strip().split(".")[0] for line in importtime.stderr.splitlines()[1:]}
     assert imported.isdisjoint({"transformers", "torch", "diffulex_llada", "diffulex_dream", "diffulex_sdar"})
+
+
+@pytest.fixture
+def llada_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from diffulex_llada.model import build_llada, to_hf_state_dict
+
+    torch.manual_seed(0)
+    save_file(to_hf_state_dict(build_llada({})), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": 64, "n_layers": 2}))
+    return tmp_path
+
+
+def test_plan_shows_every_tensor_destination_and_rule(llada_checkpoint):
+    result = diffulex("plan", str(llada_checkpoint), "--family", "llada", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    tensors = {t["name"]: t for t in data["tensors"]}
+    assert len(tensors) == 21 and data["ok"] and not data["applied"] and data["bytes_read"] == 0
+    assert tensors["model.transformer.ff_out.weight"]["target"] == "lm_head.weight"
+    assert tensors["model.transformer.blocks.0.k_proj.weight"]["shard_id"] == "k"
+    assert {t["rule"] for t in tensors.values()} == {"packed_mapping"}
+    text = diffulex("plan", str(llada_checkpoint), "--family", "llada")
+    assert "model.transformer.ff_out.weight  float32[256, 64]  -> param lm_head.weight" in text.stdout
+    assert "21 tensors planned" in text.stdout
+
+
+def test_plan_exits_non_zero_when_the_load_would_fail(llada_checkpoint):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"stray.weight": torch.ones(2)}, str(llada_checkpoint / "extra.safetensors"))
+    result = diffulex("plan", str(llada_checkpoint), "--family", "llada")
+    assert result.returncode == 1
+    assert "problem: unexpected tensor 'stray.weight' in extra.safetensors" in result.stdout
+
+
+def test_load_prints_the_report(llada_checkpoint):
+    result = diffulex("load", str(llada_checkpoint), "--family", "llada", "--dtype", "bfloat16", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["applied"] and data["ok"] and data["bytes_read"] == data["bytes_total"] > 0
+    assert data["loaded_by_source"] == {"packed_mapping": 21}
+
+
+def test_load_of_a_bad_file_names_it(tmp_path):
+    (tmp_path / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    result = diffulex("load", str(tmp_path), "--family", "llada")
+    assert result.returncode == 1
+    assert "CheckpointFormatError: model.safetensors is a Git LFS pointer" in result.stderr

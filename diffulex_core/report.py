@@ -1,0 +1,95 @@
+"""``LoadReport``: what a load did with every checkpoint tensor and every parameter."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+__all__ = ["LoadReport", "TensorPlacement"]
+
+GIB = 1024**3
+
+
+class TensorPlacement(NamedTuple):
+    """One checkpoint tensor's fate: where it went (or why not), by which rule.
+
+    A NamedTuple because a checkpoint can hold 100,000 tensors and creating one must be cheap.
+    """
+
+    name: str
+    file: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str  # "param", "buffer", "loader", "skip", "unexpected", "rejected"
+    target: str | None
+    rule: str  # "plugin:<entry point>", "module:<prefix>", "packed_mapping", "exact", ...
+    shard_id: Any = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "file": self.file, "shape": list(self.shape), "dtype": self.dtype,
+            "kind": self.kind, "target": self.target, "rule": self.rule,
+            "shard_id": self.shard_id if isinstance(self.shard_id, (int, str, type(None))) else repr(self.shard_id),
+            "note": self.note,
+        }
+
+
+@dataclass
+class LoadReport:
+    """Everything a load planned and did. ``problems`` is empty exactly when the load was clean."""
+
+    checkpoint: str
+    files: list[str]
+    strict: bool
+    placements: list[TensorPlacement] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    applied: bool = False
+    bytes_total: int = 0
+    bytes_read: int = 0
+    plan_seconds: float = 0.0
+    apply_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def loaded_by_source(self) -> dict[str, int]:
+        return dict(Counter(p.rule for p in self.placements if p.kind in ("param", "buffer", "loader")))
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {p.name: p.note or "" for p in self.placements if p.kind == "skip"}
+
+    @property
+    def unexpected(self) -> list[str]:
+        return [p.name for p in self.placements if p.kind == "unexpected"]
+
+    @property
+    def gib_per_s(self) -> float:
+        return self.bytes_read / GIB / self.apply_seconds if self.apply_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        loaded = sum(self.loaded_by_source.values())
+        by_source = ", ".join(f"{k}: {v}" for k, v in sorted(self.loaded_by_source.items()))
+        verb = "loaded" if self.applied else "planned"
+        return (
+            f"{loaded} tensors {verb} ({by_source or 'none'}), {len(self.skipped)} skipped, "
+            f"{len(self.unexpected)} unexpected, {len(self.missing)} missing, {len(self.problems)} problem(s); "
+            f"{self.bytes_read / GIB:.3f} GiB read, plan {self.plan_seconds:.3f} s, "
+            f"apply {self.apply_seconds:.3f} s ({self.gib_per_s:.2f} GiB/s)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint, "files": self.files, "strict": self.strict, "ok": self.ok,
+            "applied": self.applied, "loaded_by_source": self.loaded_by_source, "skipped": self.skipped,
+            "unexpected": self.unexpected, "missing": self.missing, "problems": self.problems, "notes": self.notes,
+            "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
+            "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s,
+            "tensors": [p.to_dict() for p in self.placements],
+        }
