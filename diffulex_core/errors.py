@@ -72,3 +72,9 @@ class LoadApplyError(LoadError):
 
 class WeightSpecError(LoadError, ValueError):
     """A ``ResolvedWeight`` or packed-module mapping is malformed."""
+
+
+class TokenizerLoadError(DiffulexError):
+    """A tokenizer could not be built, for a reason we can name (missing directory, bad JSON,
+    a fixup that asked for something it may not). Errors from transformers itself propagate
+    unchanged."""

@@ -65,14 +65,19 @@ def diffulex_packed_modules_mapping(model, config):
 def diffulex_fix_tokenizer(path, tokenizer_config, error):
     """Offer keyword arguments that let a failing tokenizer load succeed.
 
-    Called after ``AutoTokenizer.from_pretrained(path, ...)`` raised and the built-in
-    fallbacks did not apply.
+    Called by ``auto_tokenizer_from_pretrained`` after ``AutoTokenizer.from_pretrained(path, ...)``
+    raised and the built-in ``extra_special_tokens`` fix did not apply; called again, with the
+    new error, if the retry fails differently. diffulex-core's own fixups are implemented with
+    ``trylast=True``, so a plugin's answer comes first.
 
     :param path: the tokenizer directory.
     :param tokenizer_config: the parsed ``tokenizer_config.json`` (a dict; empty if absent).
     :param error: the exception the last attempt raised.
     :return: a dict of keyword arguments to retry ``from_pretrained`` with, or ``None``.
-        The first non-``None`` result wins.
+        The first non-``None`` result wins. The key ``tokenizer_class`` (a class, or the name of
+        one in ``transformers``) makes the retry call that class's ``from_pretrained`` instead of
+        ``AutoTokenizer``'s. ``trust_remote_code`` may not be returned: only the caller sets it,
+        and keyword arguments the caller passed always win over a fix's.
     """
 
 

@@ -33,6 +33,7 @@ from .checkpoint import LoadContext, ResolvedWeight
 from .checkpoint_files import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
 from .errors import CheckpointFormatError, DiffulexError, LoadApplyError, LoadError, LoadPlanError, WeightSpecError
 from .packed_mapping import PackedMapping, merge_mappings
+from .plugins import call_impl, collect_results, impls_in_call_order
 from .reader import DirectRead, read_direct, read_exact
 from .report import LoadReport, TensorPlacement
 
@@ -281,35 +282,19 @@ def _plugin_manager():
     return get_plugin_manager()
 
 
-def _call(impl: Any, hook_name: str, kwargs: dict[str, Any], what: str = "") -> Any:
-    """Call one hookimpl with the arguments it asks for; its exceptions name the plugin."""
-    try:
-        return impl.function(**{a: kwargs[a] for a in impl.argnames})
-    except DiffulexError:
-        raise
-    except Exception as exc:
-        raise LoadError(f"plugin {impl.plugin_name!r}: {hook_name} raised {type(exc).__name__}{what}: {exc}") from exc
-
-
-def _hook_results(hook: Any, **kwargs: Any) -> list[tuple[str, Any]]:
-    """(plugin name, result) of every implementation of a collecting hook, in pluggy's call order."""
-    results = [(impl.plugin_name, _call(impl, hook.name, kwargs)) for impl in reversed(hook.get_hookimpls())]
-    return [(name, result) for name, result in results if result is not None]
-
-
 class _Planner:
     def __init__(self, model: nn.Module, path: Path, family: str | None, config: Any, strict: bool) -> None:
         self.model, self.strict = model, strict
         self.dests = _Destinations(model)
         hook = _plugin_manager().hook
-        self.resolve_impls = list(reversed(hook.diffulex_resolve_weight.get_hookimpls()))
+        self.resolve_impls = impls_in_call_order(hook.diffulex_resolve_weight)
         model_name = f"{type(model).__qualname__}.packed_modules_mapping"
         mapping_parts = [(model_name, getattr(model, "packed_modules_mapping", None) or {})]
         mapping_parts += [(f"plugin {p!r}", m) for p, m in
-                          _hook_results(hook.diffulex_packed_modules_mapping, model=model, config=config)]
+                          collect_results(hook.diffulex_packed_modules_mapping, {"model": model, "config": config}, error=LoadError)]
         self.mapping = PackedMapping(merge_mappings(mapping_parts))
         self.expected_missing = list(getattr(model, "expected_missing_keys", None) or ())
-        for _, names in _hook_results(hook.diffulex_expected_missing, model=model):
+        for _, names in collect_results(hook.diffulex_expected_missing, {"model": model}, error=LoadError):
             self.expected_missing += list(names)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank, size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
@@ -319,8 +304,8 @@ class _Planner:
         """(destination, rule, note) for one checkpoint name, in the documented order."""
         ctx = LoadContext(full_name=name, **self.ctx_fields) if self.resolve_impls or self.dests.resolvers else None
         for impl in self.resolve_impls:
-            spec = _call(impl, "diffulex_resolve_weight", {"model": self.model, "name": name, "ctx": ctx},
-                         f" for tensor {name!r}")
+            spec = call_impl(impl, {"model": self.model, "name": name, "ctx": ctx}, error=LoadError,
+                             context=f" for tensor {name!r}")
             if spec is not None:
                 if not isinstance(spec, ResolvedWeight):
                     raise WeightSpecError(f"plugin {impl.plugin_name!r}: diffulex_resolve_weight returned "

@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigurationError, PluginLoadError, PluginWarning
+from .errors import ConfigurationError, DiffulexError, PluginError, PluginLoadError, PluginWarning
 from .registry import FamilyEntry, FamilyRegistry, validate_registration
 
 __all__ = [
@@ -32,6 +32,9 @@ __all__ = [
     "get_plugins",
     "get_plugin_manager",
     "reset_plugins",
+    "impls_in_call_order",
+    "call_impl",
+    "collect_results",
 ]
 
 ENV_ALLOW = "DIFFULEX_PLUGINS"
@@ -195,7 +198,10 @@ class _Discovery:
     """Loads every entry point of the group into one manager and one registry."""
 
     def __init__(self) -> None:
+        from . import builtin_fixups
+
         self.manager = _new_manager()
+        self.manager.register(builtin_fixups, name=builtin_fixups.PLUGIN_NAME)  # not an entry point: always on
         self.registry = FamilyRegistry()
         self.loaded: list[PluginInfo] = []
         self.disabled: list[PluginInfo] = []
@@ -309,3 +315,29 @@ def reset_plugins() -> None:
     global _plugins
     with _lock:
         _plugins = None
+
+
+def impls_in_call_order(hook: Any) -> list[Any]:
+    """A hook's implementations in the order pluggy calls them (last registered first)."""
+    return list(reversed(hook.get_hookimpls()))
+
+
+def call_impl(impl: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError, context: str = "") -> Any:
+    """Call one hookimpl with just the arguments it declares (older plugins take fewer).
+
+    Calling implementations one by one, rather than through ``pm.hook``, tells us which plugin
+    answered; an exception is re-raised as ``error``, naming the plugin and the hook.
+    """
+    try:
+        return impl.function(**{name: kwargs[name] for name in impl.argnames})
+    except DiffulexError:
+        raise
+    except Exception as exc:
+        raise error(f"plugin {impl.plugin_name!r}: {impl.function.__name__} raised "
+                    f"{type(exc).__name__}{context}: {exc}") from exc
+
+
+def collect_results(hook: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError) -> list[tuple[str, Any]]:
+    """(plugin name, result) of every implementation that returned something other than None."""
+    results = [(impl.plugin_name, call_impl(impl, kwargs, error=error)) for impl in impls_in_call_order(hook)]
+    return [(name, result) for name, result in results if result is not None]

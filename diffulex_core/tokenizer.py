@@ -1,0 +1,166 @@
+"""Tokenizer construction that survives files written by another transformers release.
+
+``auto_tokenizer_from_pretrained`` calls ``AutoTokenizer.from_pretrained`` first. Only when that
+fails does it look for a fix: the built-in one for ``extra_special_tokens`` stored as a list
+(transformers 5 writes lists; 4.47-4.57 expect a dict), then ``diffulex_fix_tokenizer`` hooks
+(the built-in ``TokenizersBackend`` fixup among them). An error no fix addresses propagates
+unchanged. ``trust_remote_code`` is only ever what the caller passed.
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import TokenizerLoadError
+
+__all__ = ["auto_tokenizer_from_pretrained", "coerce_extra_special_tokens", "STANDARD_SPECIAL_TOKENS", "TOKENIZER_CONFIG"]
+
+log = logging.getLogger("diffulex_core.tokenizer")
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+MAX_ATTEMPTS = 4  # the first try plus up to three fixes, each for a different error
+_LIST_KEYS_ERROR = "'list' object has no attribute 'keys'"
+# attribute names a tokenizer already has for its standard special tokens
+STANDARD_SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")} | {
+    "additional_special_tokens", "extra_special_tokens"}
+
+
+def _token_text(token: Any) -> str:
+    return str(token.get("content", "")) if isinstance(token, dict) else str(getattr(token, "content", token))
+
+
+def coerce_extra_special_tokens(tokens: list[Any]) -> dict[str, Any]:
+    """A list of extra special tokens as the dict transformers 4.47-4.57 expect.
+
+    Names are made from the token text (``"<|im_start|>"`` -> ``"im_start_token"``): deterministic,
+    unique, valid identifiers ending in ``_token``, never one of the standard special-token names.
+    """
+    names: dict[str, Any] = {}
+    for token in tokens:
+        base = re.sub(r"\W+", "_", _token_text(token)).strip("_").lower() or "extra"
+        if base[0].isdigit() or keyword.iskeyword(base):
+            base = f"extra_{base}"
+        name, n = f"{base}_token", 2
+        while name in names or name in STANDARD_SPECIAL_TOKENS:
+            name, n = f"{base}_{n}_token", n + 1
+        names[name] = token
+    return names
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / TOKENIZER_CONFIG
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenizerLoadError(f"{file} is not valid JSON ({exc}); fix or regenerate it") from None
+    if not isinstance(config, dict):
+        raise TokenizerLoadError(f"{file} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _caused_by_list_keys(error: BaseException) -> bool:
+    """True when ``error`` or an exception it was raised from is the list-``extra_special_tokens`` bug.
+
+    transformers 4.5x may re-raise it as an unrelated ImportError (protobuf) while handling it.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, AttributeError) and _LIST_KEYS_ERROR in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _builtin_fix(config: dict[str, Any], kwargs: dict[str, Any], error: BaseException) -> dict[str, Any] | None:
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list) and "extra_special_tokens" not in kwargs and _caused_by_list_keys(error):
+        return {"extra_special_tokens": coerce_extra_special_tokens(extra)}
+    return None
+
+
+def _plugin_fix(path: Path, config: dict[str, Any], error: BaseException) -> tuple[str, dict[str, Any]] | None:
+    from .plugins import call_impl, get_plugin_manager, impls_in_call_order
+
+    hook = get_plugin_manager().hook.diffulex_fix_tokenizer
+    for impl in impls_in_call_order(hook):
+        fix = call_impl(impl, {"path": str(path), "tokenizer_config": dict(config), "error": error},
+                        error=TokenizerLoadError)
+        if fix is None:
+            continue
+        if not isinstance(fix, dict) or not all(isinstance(k, str) for k in fix):
+            raise TokenizerLoadError(f"plugin {impl.plugin_name!r}: diffulex_fix_tokenizer returned {fix!r}; "
+                                     f"expected a dict of keyword arguments or None")
+        if "trust_remote_code" in fix:
+            raise TokenizerLoadError(f"plugin {impl.plugin_name!r}: diffulex_fix_tokenizer asked for trust_remote_code; "
+                                     f"only the caller decides that")
+        return impl.plugin_name, fix
+    return None
+
+
+def _construct(path: Path, kwargs: dict[str, Any]) -> Any:
+    """``AutoTokenizer.from_pretrained``, or the class a fix named in ``tokenizer_class``."""
+    import transformers
+
+    kwargs = dict(kwargs)
+    cls = kwargs.pop("tokenizer_class", None)
+    if cls is None:
+        return transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if isinstance(cls, str):
+        name = cls
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise TokenizerLoadError(f"a tokenizer fix asked for class {name!r}, which transformers "
+                                     f"{transformers.__version__} does not have")
+    return cls.from_pretrained(str(path), **kwargs)
+
+
+def auto_tokenizer_from_pretrained(path: str | Path, **kwargs: Any) -> Any:
+    """Load a tokenizer like ``AutoTokenizer.from_pretrained(path, **kwargs)``, fixing known
+    cross-version breakage. The result's ``diffulex_fixups`` lists the fixes applied (empty when
+    none was needed). ``kwargs`` the caller passed always win over a fix's.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise TokenizerLoadError(f"tokenizer directory {path} does not exist" if not path.exists()
+                                 else f"{path} is not a directory; pass the directory holding the tokenizer files")
+    config = _read_config(path)
+    fix_kwargs: dict[str, Any] = {}
+    applied: list[str] = []
+    first_error: BaseException | None = None
+    for _ in range(MAX_ATTEMPTS):
+        try:
+            tokenizer = _construct(path, {**fix_kwargs, **kwargs})
+        except Exception as error:
+            first_error = first_error or error
+            fix = _builtin_fix(config, {**fix_kwargs, **kwargs}, error)
+            source = "builtin:extra_special_tokens list->dict"
+            if fix is None:
+                found = _plugin_fix(path, config, error)
+                if found is not None:
+                    source = f"plugin:{found[0]}"
+                    fix = found[1]
+            if fix is None or all(fix_kwargs.get(k, object()) == v for k, v in fix.items()):
+                if not applied:
+                    raise  # nothing we know applies: the original error, unchanged
+                error.add_note(f"diffulex: tokenizer fixes tried for {path}: {', '.join(applied)}")
+                raise
+            fix_kwargs.update(fix)
+            applied.append(f"{source} ({', '.join(sorted(fix))})")
+            continue
+        try:
+            tokenizer.diffulex_fixups = tuple(applied)
+        except AttributeError:  # a tokenizer class with __slots__: the log line still says it
+            pass
+        if applied:
+            log.warning("tokenizer %s loaded with fixes: %s", path, "; ".join(applied))
+        return tokenizer
+    raise TokenizerLoadError(f"tokenizer {path} still fails after {MAX_ATTEMPTS} attempts with fixes "
+                             f"{', '.join(applied)}") from first_error

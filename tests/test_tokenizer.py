@@ -1,0 +1,214 @@
+"""Tokenizer construction across real transformers versions.
+
+Tokenizer files are made here with the ``tokenizers`` library and saved by each transformers
+major version (``tests/compat/tokenizer_tool.py``); they are loaded by the project's transformers 5
+and, in a second virtual environment created on first use, by transformers 4.57 (which has the
+list-``extra_special_tokens`` bug and lacks ``TokenizersBackend``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from diffulex_core.errors import TokenizerLoadError
+from diffulex_core.tokenizer import auto_tokenizer_from_pretrained, coerce_extra_special_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = Path(__file__).parent / "compat" / "tokenizer_tool.py"
+TRANSFORMERS4 = "transformers==4.57.6"
+COMPAT_VENV = ROOT / ".venv-transformers4"
+
+
+@pytest.fixture(scope="session")
+def python4() -> str:
+    """A Python with transformers 4.57 and diffulex-core (no torch: tokenizers do not need it)."""
+    python = COMPAT_VENV / "bin" / "python"
+    marker = COMPAT_VENV / "diffulex-compat.txt"
+    wanted = f"{TRANSFORMERS4}\n{ROOT}\n"
+    if not (python.exists() and marker.exists() and marker.read_text() == wanted):
+        venv.create(COMPAT_VENV, with_pip=True, clear=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, TRANSFORMERS4, "pluggy"], check=True, timeout=900)
+        subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True, timeout=300)
+        marker.write_text(wanted)
+    return str(python)
+
+
+def tool(python: str, *args: str, pythonpath: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFULEX_", "PYTHONPATH"))}
+    env["PYTHONPATH"] = pythonpath
+    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    return {**json.loads(result.stdout), "stderr": result.stderr} if result.stdout else {}
+
+
+@pytest.fixture(scope="session")
+def written(tmp_path_factory, python4) -> dict[str, Path]:
+    """Tokenizer directories saved by each version: v5-list, v5-dict, v4-dict, v4-none."""
+    dirs = {}
+    for python, major in ((sys.executable, "v5"), (python4, "v4")):
+        for extra in ("list", "dict", "none"):
+            if major == "v4" and extra == "list":
+                continue  # transformers 4.57 cannot even save a list (that is the bug)
+            directory = tmp_path_factory.mktemp(f"{major}-{extra}")
+            tool(python, "save", str(directory), "--extra", extra)
+            dirs[f"{major}-{extra}"] = directory
+    return dirs
+
+
+def comparable(result: dict) -> dict:  # what must agree across versions
+    return {k: result[k] for k in ("encodings", "decoded", "decoded_skip_special", "special", "extra_ids",
+                                   "extra_are_special")}
+
+
+def test_transformers5_files_are_written_the_way_that_breaks_transformers4(written):
+    config = json.loads((written["v5-list"] / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "TokenizersBackend"
+    assert config["extra_special_tokens"] == ["<|mask|>", "<|im_start|>", "<|im_end|>"]
+
+
+def test_plain_autotokenizer_under_transformers4_fails_on_transformers5_files(written, python4):
+    """Why the fallbacks exist: without them, transformers 4.57 cannot load these files."""
+    plain = tool(python4, "load", str(written["v5-list"]), "--plain")
+    assert plain["error"] == "ValueError" and "TokenizersBackend does not exist" in plain["message"]
+
+
+@pytest.mark.parametrize("name", ["v5-list", "v5-dict", "v5-none", "v4-dict", "v4-none"])
+def test_files_load_with_identical_encodings_under_both_versions(written, python4, name):
+    new = tool(sys.executable, "load", str(written[name]))
+    old = tool(python4, "load", str(written[name]))
+    assert new["transformers"].startswith("5.") and old["transformers"].startswith("4.57")
+    assert "error" not in new and "error" not in old, (new, old)
+    assert comparable(new) == comparable(old)
+    # real round trips, not just "no exception"
+    assert new["encodings"][1] == [5, 9, 10, 11, 12, 6] and new["extra_ids"] == [4, 5, 6]
+    assert new["decoded_skip_special"][:3] == ["hello world", "diffusion is fun !", "hello world"]
+    assert new["special"] == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    assert new["extra_are_special"] == ["<|im_end|>", "<|im_start|>", "<|mask|>"]
+    assert new["fixups"] == []  # transformers 5 needs no fix for any of them
+
+
+def test_transformers5_files_under_transformers4_say_which_fixes_were_applied(written, python4):
+    old = tool(python4, "load", str(written["v5-list"]))
+    assert old["class"] == "PreTrainedTokenizerFast"
+    assert old["fixups"] == ["plugin:diffulex-core (tokenizer_class)",
+                             "builtin:extra_special_tokens list->dict (extra_special_tokens)"]
+    named = tool(python4, "load", str(written["v5-dict"]))
+    assert named["fixups"] == ["plugin:diffulex-core (extra_special_tokens, tokenizer_class)"]
+
+
+def test_list_fallback_alone(written, python4, tmp_path):
+    """A list in a config whose class transformers 4 knows: only the list fix is needed, and it is."""
+    directory = tmp_path / "list-only"
+    directory.mkdir()
+    for file in written["v4-dict"].iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = ["<|mask|>", "<|im_start|>", "<|im_end|>"]
+    for name in ("mask_extra_token", "im_start_token", "im_end_token"):
+        config.pop(name, None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = tool(python4, "load", str(directory), "--plain")
+    assert "error" in plain  # the bug, as an AttributeError or the ImportError transformers raises over it
+    old = tool(python4, "load", str(directory))
+    assert old["fixups"] == ["builtin:extra_special_tokens list->dict (extra_special_tokens)"]
+    assert comparable(old) == comparable(tool(sys.executable, "load", str(directory)))
+
+
+def test_extra_special_tokens_passed_by_the_caller_are_never_overridden(written, python4):
+    mine = {"my_mask_token": "<|mask|>", "my_start_token": "<|im_start|>", "my_end_token": "<|im_end|>"}
+    old = tool(python4, "load", str(written["v5-list"]), "--extra-json", json.dumps(mine))
+    assert old["fixups"] == ["plugin:diffulex-core (tokenizer_class)"]
+    assert old["caller_names"] == mine
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerLoadError, match="tokenizer directory .*nope does not exist"):
+        auto_tokenizer_from_pretrained(tmp_path / "nope")
+
+
+def test_unreadable_tokenizer_config_names_the_file(written, tmp_path):
+    directory = tmp_path / "bad-json"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
+    (directory / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast",')
+    with pytest.raises(TokenizerLoadError, match=r"tokenizer_config.json is not valid JSON"):
+        auto_tokenizer_from_pretrained(directory)
+
+
+@pytest.mark.parametrize("major", ["v5", "v4"])
+def test_a_tokenizer_class_that_does_not_exist_surfaces_unchanged(written, python4, tmp_path, major):
+    """Whatever plain AutoTokenizer does with an unknown class, we do the same: no fix hides it."""
+    python = sys.executable if major == "v5" else python4
+    directory = tmp_path / "no-such-class"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizerFast"}))
+    plain, ours = tool(python, "load", str(directory), "--plain"), tool(python, "load", str(directory))
+    if major == "v4":
+        assert plain["error"] == "ValueError" and "NoSuchTokenizerFast does not exist" in plain["message"]
+    ours.pop("stderr"), plain.pop("stderr")
+    assert ours == plain  # same error and message (transformers 4), or the same tokenizer (5 falls back)
+
+
+# --------------------------------------------------------------------------- plugin fixups
+
+
+def tokenizer_dir(written, tmp_path, tokenizer_class: str) -> Path:
+    directory = tmp_path / tokenizer_class
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class, "eos_token": "</s>"}))
+    return directory
+
+
+# transformers 5 falls back to its generic class for unknown tokenizer classes, so these run
+# under transformers 4, where an unknown class is an error a plugin can fix.
+
+
+def test_plugin_fixup_is_applied_logged_and_named(written, python4, plugin_path, tmp_path):
+    result = tool(python4, "load", str(tokenizer_dir(written, tmp_path, "FamilyXTokenizer")),
+                  pythonpath=plugin_path("tokfix"))
+    assert result["fixups"] == ["plugin:tokfix (tokenizer_class)"]
+    assert result["class"] == "PreTrainedTokenizerFast" and result["encodings"][0] == [7, 8]
+    assert result["special"]["eos_token"] == "</s>"
+    assert "loaded with fixes: plugin:tokfix (tokenizer_class)" in result["stderr"]
+
+
+def test_a_fixup_may_not_turn_on_remote_code(written, python4, plugin_path, tmp_path):
+    result = tool(python4, "load", str(tokenizer_dir(written, tmp_path, "NeedsRemoteCode")),
+                  pythonpath=plugin_path("tokfix"))
+    assert result["error"] == "TokenizerLoadError"
+    assert "plugin 'tokfix'" in result["message"] and "trust_remote_code" in result["message"]
+
+
+def test_a_fixup_that_raises_names_its_plugin(written, python4, plugin_path, tmp_path):
+    result = tool(python4, "load", str(tokenizer_dir(written, tmp_path, "BrokenFixup")),
+                  pythonpath=plugin_path("tokfix"))
+    assert result["error"] == "TokenizerLoadError"
+    assert "plugin 'tokfix'" in result["message"] and "RuntimeError: fixup exploded" in result["message"]
+
+
+def test_loads_that_need_no_fix_report_none(written):
+    tokenizer = auto_tokenizer_from_pretrained(written["v5-list"])
+    assert tokenizer.diffulex_fixups == ()
+
+
+# --------------------------------------------------------------------------- generated names
+
+
+def test_coerced_names_are_stable_unique_identifiers_ending_in_token():
+    tokens = ["<|im_start|>", "<|im_start|>", "<eos>", "[MASK]", "<|0|>", "class", "???", {"content": "<|x|>"}]
+    names = coerce_extra_special_tokens(tokens)
+    assert list(names) == ["im_start_token", "im_start_2_token", "eos_2_token", "mask_2_token", "extra_0_token",
+                           "extra_class_token", "extra_token", "x_token"]
+    assert all(n.isidentifier() and n.endswith("_token") for n in names)
+    assert list(names.values()) == tokens
+    assert coerce_extra_special_tokens(tokens) == names  # deterministic
