@@ -325,34 +325,38 @@ class _Planner:
             return exact, "exact", None
         return None, "unexpected", note
 
-    def check(self, record: TensorRecord, target: _Target) -> str | None:
-        """Check the write on the meta device where code is involved; return a problem, or None."""
+    def check(self, record: TensorRecord, target: _Target) -> tuple[str | None, bool]:
+        """(problem or None, plain): checks the write, on the meta device where code is involved.
+
+        ``plain`` means same dtype and shape with no code in between, so the file's bytes can
+        go straight into the destination's memory.
+        """
         kind, name = target.kind, target.name
         dest = self.dests.tensor(kind, name)
         if dest is None:
-            return f"it resolves to {kind} {name!r}, which {type(self.model).__qualname__} does not have"
+            return f"it resolves to {kind} {name!r}, which {type(self.model).__qualname__} does not have", False
         shape, dtype, tensor = record.shape, record.dtype, None
         if target.transform is not None:
             try:
                 tensor = target.transform(torch.empty(shape, dtype=dtype, device="meta"))
             except Exception as exc:
-                return f"its transform failed on a meta tensor ({type(exc).__name__}: {exc}); transforms must accept meta tensors"
+                return f"its transform failed on a meta tensor ({type(exc).__name__}: {exc}); transforms must accept meta tensors", False
             if not isinstance(tensor, torch.Tensor):
-                return f"its transform returned {type(tensor).__name__}, not a tensor"
+                return f"its transform returned {type(tensor).__name__}, not a tensor", False
             shape, dtype = tuple(tensor.shape), tensor.dtype
         if not _castable(dtype, dest.dtype):
-            return f"dtype {dtype} cannot be cast to {kind} {name!r} ({dest.dtype})"
+            return f"dtype {dtype} cannot be cast to {kind} {name!r} ({dest.dtype})", False
         if target.shard_id is None and _whole_tensor_loader(dest) is None:
             if shape != tuple(dest.shape):
-                return f"shape {list(shape)} does not fit {kind} {name!r} of shape {list(dest.shape)}"
-            return _PLAIN if tensor is None and dtype == dest.dtype else None
+                return f"shape {list(shape)} does not fit {kind} {name!r} of shape {list(dest.shape)}", False
+            return None, tensor is None and dtype == dest.dtype
         twin = nn.Parameter(torch.empty_like(dest, device="meta"), requires_grad=False)
         try:
             _load_into(dest, twin, tensor if tensor is not None else torch.empty(shape, dtype=dtype, device="meta"),
                        target.shard_id)
         except Exception as exc:
-            return f"loading it into {kind} {name!r} (shard {target.shard_id!r}) fails: {type(exc).__name__}: {exc}"
-        return None
+            return f"loading it into {kind} {name!r} (shard {target.shard_id!r}) fails: {type(exc).__name__}: {exc}", False
+        return None, False
 
     def plan(self, path: Path) -> LoadPlan:
         started = time.perf_counter()
@@ -378,18 +382,17 @@ class _Planner:
                 placement = TensorPlacement(*base, "loader", None, rule, None, note)
                 covered.update(target.covers)
             else:
-                problem = self.check(record, target)
+                problem, plain = self.check(record, target)
                 dest_id = id(self.dests.tensor(target.kind, target.name))
-                if problem is None or problem is _PLAIN:
+                if problem is None:
                     if target.shard_id is None and dest_id in whole_writers:
                         problem = (f"{target.kind} {target.name!r} is also written whole by {whole_writers[dest_id]!r} "
                                    f"(tied or aliased); skip one of them with a resolver")
                     elif target.shard_id is None:
                         whole_writers[dest_id] = record.name
                 written.add(dest_id)  # a rejected one is not also "missing"
-                if problem is None or problem is _PLAIN:
+                if problem is None:
                     placement = TensorPlacement(*base, target.kind, target.name, rule, target.shard_id, note)
-                    plain = problem is _PLAIN
                 else:
                     placement = TensorPlacement(*base, "rejected", target.name, rule, target.shard_id, problem)
                     report.problems.append(f"tensor {record.name!r} in {record.file.name}: {problem}")
@@ -450,9 +453,6 @@ def _records(files: CheckpointFiles) -> list[TensorRecord]:
 
 
 # --------------------------------------------------------------------------- applying
-
-
-_PLAIN = "plain"  # check()'s answer for a clean write that needs no code: a sentinel, not a problem
 
 
 def _apply(plan: LoadPlan, dests: _Destinations, progress: bool | None, threads: int | None) -> None:
