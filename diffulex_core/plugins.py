@@ -234,8 +234,8 @@ class _Discovery:
 
     def _load(self, info: PluginInfo, ep: EntryPoint) -> None:
         if self.manager.has_plugin(info.name):
-            other = next(p for p in self.loaded if p.name == info.name)
-            self._fail(info, "validate", f"entry-point name {info.name!r} is already used by {other.label}")
+            other = next((p.label for p in self.loaded if p.name == info.name), "diffulex-core's built-in hooks")
+            self._fail(info, "validate", f"entry-point name {info.name!r} is already used by {other}")
             return
         try:
             obj = ep.load()
@@ -247,7 +247,11 @@ class _Discovery:
         except pluggy.PluginValidationError as exc:
             self._fail(info, "validate", str(exc), exc)
             return
-        self.manager.register(obj, name=info.name)
+        try:
+            self.manager.register(obj, name=info.name)
+        except ValueError as exc:  # the same object behind two entry points
+            self._fail(info, "validate", f"{info.value!r} is already registered: {exc}", exc)
+            return
         try:
             pending = self._call_register_families(obj, info)
         except Exception as exc:  # the plugin is withdrawn whole, its families with it

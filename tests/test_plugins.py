@@ -199,3 +199,14 @@ def test_unknown_family_lists_known_names_and_suggests_the_closest(use_plugins):
         registry.get("toyy")
     assert "known families:" in str(excinfo.value) and "toy-lazy" in str(excinfo.value)
     assert "Did you mean 'toy'?" in str(excinfo.value)
+
+
+def test_one_module_behind_two_entry_points_and_a_name_clash_with_the_core(use_plugins):
+    discovery = use_plugins("healthy", "twice")
+    with pytest.warns(PluginWarning):
+        plugins = discovery.get_plugins()
+    stages = {f.plugin.name: (f.stage, f.message) for f in plugins.failures}
+    assert stages["twice_b"][0] == "validate" and "already registered" in stages["twice_b"][1]
+    assert stages["diffulex-core"] == ("validate", "entry-point name 'diffulex-core' is already used by "
+                                                   "diffulex-core's built-in hooks")
+    assert plugins.registry.get("twice") is dict and "toy" in plugins.registry.names()
