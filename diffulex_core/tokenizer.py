@@ -105,7 +105,7 @@ def _plugin_fix(path: Path, config: dict[str, Any], error: BaseException) -> tup
     return None
 
 
-def _construct(path: Path, kwargs: dict[str, Any]) -> Any:
+def _construct(path: Path | str, kwargs: dict[str, Any]) -> Any:
     """``AutoTokenizer.from_pretrained``, or the class a fix named in ``tokenizer_class``."""
     import transformers
 
@@ -127,11 +127,14 @@ def auto_tokenizer_from_pretrained(path: str | Path, **kwargs: Any) -> Any:
     cross-version breakage. The result's ``diffulex_fixups`` lists the fixes applied (empty when
     none was needed). ``kwargs`` the caller passed always win over a fix's.
     """
+    name = str(path)
     path = Path(path)
-    if not path.is_dir():
-        raise TokenizerLoadError(f"tokenizer directory {path} does not exist" if not path.exists()
-                                 else f"{path} is not a directory; pass the directory holding the tokenizer files")
-    config = _read_config(path)
+    if path.exists() and not path.is_dir():
+        raise TokenizerLoadError(f"{path} is not a directory; pass the directory holding the tokenizer files")
+    if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise TokenizerLoadError(f"tokenizer directory {path} does not exist")
+    # anything else that does not exist locally is a hub id, left to transformers (no config to read)
+    config = _read_config(path) if path.is_dir() else {}
     fix_kwargs: dict[str, Any] = {}
     applied: list[str] = []
     first_error: BaseException | None = None

@@ -212,3 +212,12 @@ def test_coerced_names_are_stable_unique_identifiers_ending_in_token():
     assert all(n.isidentifier() and n.endswith("_token") for n in names)
     assert list(names.values()) == tokens
     assert coerce_extra_special_tokens(tokens) == names  # deterministic
+
+
+def test_a_relative_path_that_is_not_there_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TokenizerLoadError, match="does not exist"):
+        auto_tokenizer_from_pretrained("./checkpoints/tokenizer")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(TokenizerLoadError, match="is not a directory"):
+        auto_tokenizer_from_pretrained(tmp_path / "file.txt")
