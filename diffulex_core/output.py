@@ -393,13 +393,15 @@ class GenerationOutputs:
     def tpot(self) -> float | None:
         return _mean(self._per_request("tpot"))
 
-    def ttft_percentiles(self) -> dict[str, float | None]:
-        values = self._per_request("ttft")
+    def _percentiles(self, key: str) -> dict[str, float | None]:
+        values = self._per_request(key)
         return {f"p{q}": _percentile(values, q) for q in (50, 90, 99)}
 
+    def ttft_percentiles(self) -> dict[str, float | None]:
+        return self._percentiles("ttft")
+
     def tpot_percentiles(self) -> dict[str, float | None]:
-        values = self._per_request("tpot")
-        return {f"p{q}": _percentile(values, q) for q in (50, 90, 99)}
+        return self._percentiles("tpot")
 
     @property
     def throughput(self) -> float | None:
