@@ -27,6 +27,10 @@ Variants, each in a fresh subprocess (``--worker``), so peak memory is clean:
 * ``snapshots``:     ``keep_snapshots=True``, traces off, list input (a full int64 copy per step).
 * ``naive``:         the baseline the issue warns about: ``history[i].append(list(running_token_ids))``
   per request-step (a full Python list copy; int objects shared with the live list, its best case).
+* ``diffulex+trace`` / ``diffulex``: the same engine, its requests shaped like Diffulex's ``DllmReq``
+  (``new_tokens``, ``is_prefilling``, ``running_sequence``, ``dllm_block_buffer.dllm_blocks`` of
+  block objects with an Enum ``status``, ``truncated_response``/``full_response``: the sequence
+  itself), traces on / off. As Diffulex does, the response is copied every step, not once at the end.
 
 ``snapshots`` and ``naive`` hold a whole sequence per request-step (~3.2 GiB each for the full
 scenario; ``changes+trace`` peaks at ~4.3 GiB). On a smaller machine, ``--reduced-requests N`` runs
@@ -59,6 +63,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +75,10 @@ VARIANTS = {
     "changes/torch": ("outputs", False, "torch"),
     "snapshots": ("snapshots", False, "list"),
     "naive": ("naive", False, "list"),
+    "diffulex+trace": ("outputs", True, "diffulex"),
+    "diffulex": ("outputs", False, "diffulex"),
 }
+LISTS = ("list", "diffulex")  # input kinds whose running sequence is a Python list
 REDUCED = {"snapshots", "naive"}
 VOCAB = 126_464
 MASK = 126_336  # a large id, as in LLaDA: not one of CPython's cached small ints
@@ -99,6 +107,49 @@ class Req:
     block_trace: list | None = None
 
 
+class BlockStatus(Enum):
+    ACTIVE = 1
+    DONE = 2
+    PENDING = 3
+
+
+@dataclass(slots=True)
+class DiffulexBlock:
+    block_id: int
+    block_size: int
+    num_mask_tokens: int
+    status: BlockStatus
+    is_active: bool
+    is_dummy: bool
+    progress: float
+
+
+@dataclass(slots=True)
+class DiffulexBuffer:
+    dllm_blocks: list
+
+
+@dataclass(slots=True)
+class DiffulexReq:
+    """One engine request shaped like Diffulex's ``DllmReq`` (what its ``record_step`` reads)."""
+
+    req_id: int
+    block_size: int = 32
+    new_tokens: int = 0
+    is_prefilling: bool = True
+    running_sequence: Any = None
+    dllm_block_buffer: Any = None
+    truncated_response: Any = ()
+    full_response: Any = ()
+    is_truncated: bool = False
+    max_new_tokens_reached: bool = False
+    max_model_len_reached: bool = False
+    max_nfe_reached: bool = False
+    max_repetition_run_reached: bool = False
+    eos_token_generated: bool = False
+    completion_reason: str | None = None
+
+
 class Engine:
     """Per-request running sequences, mutated in place step by step (nothing here is timed)."""
 
@@ -122,7 +173,8 @@ class Engine:
         self.seqs: list[Any] = []
         self.pools: list[list[int]] = []  # masked positions, ascending
         self.masked: list[list[int]] = []  # masked count per block
-        self.reqs = [Req(req_id=i, block_size=block_size) for i in range(requests)]
+        request = DiffulexReq if kind == "diffulex" else Req
+        self.reqs = [request(req_id=i, block_size=block_size) for i in range(requests)]
         for _ in range(requests):
             self.seqs.append(self._container([MASK] * self.start_length))
             self.pools.append(list(range(self.start_length)))
@@ -147,7 +199,7 @@ class Engine:
             seq, pool, masked = self.seqs[i], self.pools[i], self.masked[i]
             if step > 0 and self.grow_every > 0 and step % self.grow_every == 0:
                 start = len(seq)
-                if self.kind == "list":
+                if self.kind in LISTS:
                     seq.extend([MASK] * bs)
                 elif self.kind == "numpy":
                     seq = self.np.concatenate([seq, self.np.full(bs, MASK, dtype=self.np.int64)])
@@ -174,13 +226,16 @@ class Engine:
                     values.append(new)
                     if old == MASK:
                         masked[p // bs] -= 1
-                if self.kind == "list":
+                if self.kind in LISTS:
                     for p, v in zip(positions, values):
                         seq[p] = v
                 else:
                     seq[positions] = self._container(values)
                 generated = len(positions)
             active = pool[0] // bs if pool else len(masked) - 1
+            if self.kind == "diffulex":
+                self._set_diffulex(req, step, generated, seq, masked, active, last)
+                continue
             req.is_prefill = step == 0
             req.num_generated_tokens = generated
             req.running_token_ids = seq
@@ -197,9 +252,25 @@ class Engine:
                 ]
         return self.reqs
 
+    def _set_diffulex(self, req: DiffulexReq, step: int, generated: int, seq: list, masked: list, active: int,
+                      last: bool) -> None:
+        bs = self.block_size
+        req.is_prefilling = step == 0
+        req.new_tokens = generated
+        req.running_sequence = seq
+        req.truncated_response = req.full_response = seq
+        blocks = []
+        for b, m in enumerate(masked):
+            status = BlockStatus.ACTIVE if b == active else BlockStatus.DONE if m == 0 else BlockStatus.PENDING
+            blocks.append(DiffulexBlock(b, bs, m, status, b == active, False, 1.0 - m / bs))
+        req.dllm_block_buffer = DiffulexBuffer(blocks)
+        if last:
+            req.max_new_tokens_reached = req.is_truncated = True
+            req.completion_reason = "max_new_tokens_reached"
+
     def snapshot(self, i: int) -> list[int]:
         seq = self.seqs[i]
-        return list(seq) if self.kind == "list" else seq.tolist()
+        return list(seq) if self.kind in LISTS else seq.tolist()
 
 
 class NaiveRecorder:
@@ -244,10 +315,21 @@ class GcTimer:
                 self.inside += pause
 
 
+def expected_block_trace(req: Any) -> list[dict]:
+    """The trace a request's step should store, as ``ReqStep.block_trace`` (Diffulex) or
+    ``ReqStep.trace_dicts()`` (``EngineRequest``) gives it back."""
+    if isinstance(req, DiffulexReq):
+        return [{"block_id": b.block_id, "is_active": b.is_active, "is_dummy": b.is_dummy,
+                 "num_mask_tokens": b.num_mask_tokens, "mask_ratio": b.num_mask_tokens / max(b.block_size, 1),
+                 "progress": b.progress, "block_status": str(b.status)} for b in req.dllm_block_buffer.dllm_blocks]
+    keys = ("block_id", "active", "dummy", "masked_count", "mask_ratio", "progress", "status")
+    return [{k: d[k] for k in keys} for d in req.block_trace]
+
+
 def worker(variant: str, requests: int, steps: int, args: argparse.Namespace, profile: bool) -> None:
     recorder_kind, traces, kind = VARIANTS[variant]
     os.environ["DIFFULEX_SAVE_TRACE"] = "1" if traces else "0"
-    from diffulex_core.output import TRACE_FIELDS, GenerationOutputs
+    from diffulex_core.output import GenerationOutputs
 
     engine = Engine(requests, steps, args.length, args.block_size, args.unmask, args.grow_every, kind, traces)
     # (request, step) pairs whose sequences are copied to check the record afterwards
@@ -286,7 +368,7 @@ def worker(variant: str, requests: int, steps: int, args: argparse.Namespace, pr
             if s == step:
                 expected[(r, s)] = engine.snapshot(r)
         if traces and trace_check[1] == step:
-            expected_trace = [{k: d[k] for k in TRACE_FIELDS} for d in reqs[trace_check[0]].block_trace]
+            expected_trace = expected_block_trace(reqs[trace_check[0]])
         gen += time.perf_counter() - t0
         timer.recording = True
         if profiler is not None:
@@ -324,10 +406,11 @@ def worker(variant: str, requests: int, steps: int, args: argparse.Namespace, pr
         trajs = recorder.trajectories
         step_rec = trajs[trace_check[0]].steps[trace_check[1]]
         if traces:
-            if step_rec.block_trace != expected_trace:
+            stored = step_rec.block_trace if kind == "diffulex" else step_rec.trace_dicts()
+            if stored != expected_trace:
                 raise SystemExit(f"{variant}: stored block trace differs from the one passed")
             verified.append("trace")
-        elif step_rec.block_trace is not None:
+        elif step_rec.trace is not None:
             raise SystemExit(f"{variant}: a block trace was stored with DIFFULEX_SAVE_TRACE=0")
         want_tokens = requests * (steps - 1) * args.unmask
         if recorder.total_generated_tokens != want_tokens or not all(t.finished for t in trajs):

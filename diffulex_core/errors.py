@@ -74,6 +74,11 @@ class WeightSpecError(LoadError, ValueError):
     """A ``ResolvedWeight`` or packed-module mapping is malformed."""
 
 
+class LoadWarning(UserWarning):
+    """A seed-style load (``load_model``) went on past tensors nothing takes or parameters
+    nothing writes, as Diffulex's loader does; the message lists them."""
+
+
 class TokenizerLoadError(DiffulexError):
     """A tokenizer could not be built, for a reason we can name (missing directory, bad JSON,
     a fixup that asked for something it may not). Errors from transformers itself propagate

@@ -93,3 +93,18 @@ def diffulex_expected_missing(model):
     :return: an iterable of names or ``fnmatch`` patterns (``"*.rotary_emb.*"``), or ``None``.
         The results of all plugins are combined.
     """
+
+
+@hookspec
+def diffulex_ignored_checkpoint_keys(model):
+    """Name checkpoint tensors that ``model`` does not take and that may be skipped silently.
+
+    Called once per load, while the load is planned. A checkpoint tensor that no resolver,
+    mapping or exact name places, and that matches one of these, is skipped (the report says
+    which pattern and source), not reported unexpected: an old ``rotary_emb.inv_freq``, for
+    example. The model may also declare them itself in a class attribute ``ignored_checkpoint_keys``.
+
+    :param model: the ``torch.nn.Module`` being loaded (possibly on the meta device).
+    :return: an iterable of names or ``fnmatch`` patterns, or ``None``. The results of all
+        plugins are combined.
+    """

@@ -1,69 +1,52 @@
 """Generation trajectories and metrics (TPF, TTFT, TPOT, throughput) recorded step by step.
 
-Engines call ``GenerationOutputs.record_step`` after every step; it reads the attributes listed
-in ``EngineRequest`` and nothing else. Exact definitions of every metric: ``docs/metrics.md``.
-Memory stays bounded: a step keeps only the positions of the running sequence that changed
-since the request's previous step (full snapshots are opt-in), and per-block traces are kept
-only while ``DIFFULEX_SAVE_TRACE`` is not ``0``.
+Engines call ``GenerationOutputs.record_step`` after every step. It takes requests in either of
+two shapes, recognised per request (``diffulex_core.engine_requests``): a Diffulex request (it
+has ``new_tokens`` and ``dllm_block_buffer``), read exactly as Diffulex's
+``diffulex.utils.output`` reads it, or this package's ``EngineRequest`` protocol. So this module
+is a drop-in for engine code written against Diffulex's: under Diffulex's names, attributes and
+metrics mean what they mean there (``tpf``, ``ttft``, ``postfix()``, ``ReqTrajectory.trajectory``,
+...); this package's own metric definitions live under their own names (``decode_tpf``,
+``batch_ttft``, ``wall_throughput``, ...). Exact definitions, side by side: ``docs/metrics.md``.
+
+Memory stays bounded: a step keeps only the positions of the running sequence that changed since
+the request's previous step (full snapshots are opt-in; ``ReqStep.running_token_ids`` rebuilds a
+step's sequence on access), and per-block traces are packed records, kept only while
+``DIFFULEX_SAVE_TRACE`` is not ``0``. The storage classes (``ReqStep``, ``ReqTrajectory``, the
+trace packing) live in ``diffulex_core.trajectory`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .engine_requests import DiffulexRequest, EngineRequest, StepInput, read_request
+# Storage lives in .trajectory; re-exported here, so ``from diffulex_core.output import ReqStep`` keeps working.
+from .trajectory import SEED_TRACE_FIELDS, TRACE_DTYPE, TRACE_FIELDS, ReqStep, ReqTrajectory, TraceStatuses, _ChangeLog
+
 __all__ = [
     "EngineRequest",
+    "DiffulexRequest",
     "ReqStep",
     "ReqTrajectory",
     "GenerationOutputs",
     "decode_token_ids_robust",
     "save_trace_enabled",
     "TRACE_DTYPE",
+    "TRACE_FIELDS",
+    "SEED_TRACE_FIELDS",
 ]
 
+logger = logging.getLogger(__name__)
+
 ENV_SAVE_TRACE = "DIFFULEX_SAVE_TRACE"
-TRACE_FIELDS = ("block_id", "active", "dummy", "masked_count", "mask_ratio", "progress", "status")
-# One record per block, 31 bytes (a dict per block took about 350): traces for 256 requests x
-# 1,000 steps x 64 blocks stay in the hundreds of MiB. ``status`` is an index into the status
-# names seen so far (``TraceStatuses``); -1 means none.
-TRACE_DTYPE = np.dtype([("block_id", "<i8"), ("active", "?"), ("dummy", "?"), ("masked_count", "<i4"),
-                        ("mask_ratio", "<f8"), ("progress", "<f8"), ("status", "<i2")])
-
-
-class TraceStatuses:
-    """The distinct block status strings of one ``GenerationOutputs``, stored once."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self._codes: dict[str, int] = {}
-
-    def code(self, status: Any) -> int:
-        if status is None:
-            return -1
-        status = str(status)
-        code = self._codes.get(status)
-        if code is None:
-            code = self._codes[status] = len(self.names)
-            self.names.append(status)
-        return code
-
-    def pack(self, blocks: Iterable[Mapping[str, Any]]) -> np.ndarray:
-        rows = [(b.get("block_id", -1), bool(b.get("active")), bool(b.get("dummy")), b.get("masked_count", 0),
-                 b.get("mask_ratio", 0.0), b.get("progress", 0.0), self.code(b.get("status"))) for b in blocks]
-        return np.array(rows, dtype=TRACE_DTYPE)
-
-    def unpack(self, trace: np.ndarray) -> list[dict[str, Any]]:
-        return [{"block_id": int(r["block_id"]), "active": bool(r["active"]), "dummy": bool(r["dummy"]),
-                 "masked_count": int(r["masked_count"]), "mask_ratio": float(r["mask_ratio"]),
-                 "progress": float(r["progress"]),
-                 "status": self.names[r["status"]] if r["status"] >= 0 else None} for r in trace]
 
 
 def save_trace_enabled() -> bool:
@@ -77,10 +60,15 @@ def _ids(token_ids: Any) -> list[int]:
     return [int(t) for t in token_ids]
 
 
-def decode_token_ids_robust(tokenizer: Any, token_ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+def decode_token_ids_robust(tokenizer: Any, token_ids: Iterable[int] | None, *,
+                            skip_special_tokens: bool = False) -> str:
     """Decode with ``tokenizer.decode``; if its signature rejects our arguments (``TypeError``),
-    convert ids to tokens one by one (unknown ids become empty) and join them. ``[]`` gives ``""``.
+    convert the whole id list to tokens (``None`` becomes empty) and join them, as Diffulex does;
+    if the tokenizer converts only one id at a time, go id by id (unknown ids become empty).
+    ``None`` or no ids give ``""``.
     """
+    if token_ids is None:
+        return ""
     ids = _ids(token_ids)
     if not ids:
         return ""
@@ -88,146 +76,21 @@ def decode_token_ids_robust(tokenizer: Any, token_ids: Iterable[int], *, skip_sp
         return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     except TypeError:
         pass  # a stricter decode signature; other errors are real and propagate
+    try:
+        converted = tokenizer.convert_ids_to_tokens(ids)
+    except (TypeError, IndexError, KeyError, ValueError, OverflowError):
+        converted = None  # takes one id at a time, or choked on one id: the per-id path below handles both
+    if converted is None or isinstance(converted, str):
+        converted = []
+        for token_id in ids:
+            try:
+                converted.append(tokenizer.convert_ids_to_tokens(token_id))
+            except (IndexError, KeyError, ValueError, OverflowError):
+                converted.append(None)
     special = set(getattr(tokenizer, "all_special_tokens", ()) or ()) if skip_special_tokens else set()
-    tokens = []
-    for token_id in ids:
-        try:
-            token = tokenizer.convert_ids_to_tokens(token_id)
-        except (IndexError, KeyError, ValueError, OverflowError):
-            token = None
-        if token and token not in special:
-            tokens.append(token)
+    tokens = ["" if t is None else t for t in converted if t is None or t not in special]
     join = getattr(tokenizer, "convert_tokens_to_string", None)
     return join(tokens) if callable(join) else "".join(tokens)
-
-
-@runtime_checkable
-class EngineRequest(Protocol):
-    """What ``record_step`` reads from each request of a step. Any object with these works.
-
-    - ``req_id``: int; the prompt index, unless ``req_id_to_prompt_id`` maps it.
-    - ``is_prefill``: bool; this step processed the prompt (prefill) rather than decoding.
-    - ``num_prompt_tokens``: int; the prompt's length (counts toward prefill throughput).
-    - ``num_generated_tokens``: int; tokens this step finalized (committed, no longer masked).
-    - ``running_token_ids``: sequence of int; the response region as it stands after this step,
-      mask tokens included.
-    - ``block_size``: int; tokens per diffusion block.
-    - ``buffer_block_ids``: sequence of int; the blocks in the request's working buffer.
-    - ``is_finished``: bool; the request completed in this step.
-    - ``completion_reason``: str or None; why it finished (``"eos"``, ``"max_tokens"``, ...).
-    - ``response_token_ids``: sequence of int; read once finished: the whole response,
-      including anything generated after the first EOS.
-    - ``eos_token_ids``: collection of int; read once finished, to cut the response at EOS.
-    - ``block_trace`` (optional): sequence of mappings with ``TRACE_FIELDS``; read only while
-      ``DIFFULEX_SAVE_TRACE`` is on.
-    """
-
-    req_id: int
-    is_prefill: bool
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    running_token_ids: Sequence[int]
-    block_size: int
-    buffer_block_ids: Sequence[int]
-    is_finished: bool
-    completion_reason: str | None
-    response_token_ids: Sequence[int]
-    eos_token_ids: Collection[int]
-
-
-@dataclass(slots=True)
-class ReqStep:
-    """One request in one engine step.
-
-    The running sequence is kept as a change set against the request's previous step
-    (``changed_positions``/``changed_values``, and ``running_length``); ``running_token_ids`` holds
-    the whole sequence only when snapshots were asked for. ``ReqTrajectory.running_token_ids(k)``
-    rebuilds any step's sequence either way.
-    """
-
-    step_id: int
-    step_time: float
-    is_prefill: bool
-    num_generated_tokens: int
-    block_size: int
-    buffer_block_ids: list[int]
-    running_length: int
-    changed_positions: list[int]
-    changed_values: list[int]
-    running_token_ids: np.ndarray | None = None  # opt-in snapshot (int64), see GenerationOutputs
-    trace: np.ndarray | None = None  # TRACE_DTYPE records; read through ``block_trace``
-    statuses: TraceStatuses | None = field(default=None, repr=False)
-
-    @property
-    def block_trace(self) -> list[dict[str, Any]] | None:
-        """The per-block trace as dicts (``TRACE_FIELDS``), or None when traces were off."""
-        return None if self.trace is None else self.statuses.unpack(self.trace)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "step_id": self.step_id, "step_time": self.step_time, "is_prefill": self.is_prefill,
-            "num_generated_tokens": self.num_generated_tokens, "block_size": self.block_size,
-            "buffer_block_ids": self.buffer_block_ids, "running_length": self.running_length,
-            "changed_positions": self.changed_positions, "changed_values": self.changed_values,
-            "running_token_ids": None if self.running_token_ids is None else self.running_token_ids.tolist(),
-            "block_trace": self.block_trace,
-        }
-
-
-@dataclass
-class ReqTrajectory:
-    """One prompt's result: final tokens (cut before the first EOS), the full response, text, steps.
-
-    ``truncated_at_eos`` says the response held an EOS, so ``token_ids`` is shorter than
-    ``full_token_ids`` (which keeps the EOS and whatever the model produced after it).
-    """
-
-    prompt_id: int
-    token_ids: list[int] = field(default_factory=list)
-    full_token_ids: list[int] = field(default_factory=list)
-    truncated_at_eos: bool = False
-    finished: bool = False
-    completion_reason: str | None = None
-    text: str | None = None
-    full_text: str | None = None
-    steps: list[ReqStep] = field(default_factory=list)
-    # running counters, so metrics never rescan steps
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    first_token_time: float | None = None  # elapsed step time when the first token was finalized
-    first_token_step_tokens: int = 0
-    finish_time: float | None = None  # elapsed step time at the last step it took part in
-    decode_steps: int = 0
-    decode_time: float = 0.0
-    _last_running: Any = field(default=None, repr=False)
-
-    @property
-    def nfe(self) -> int:
-        """Forward evaluations this request took part in (prefill and decode steps)."""
-        return len(self.steps)
-
-    def running_token_ids(self, step_index: int = -1) -> list[int]:
-        """The running sequence after step ``step_index`` (replays change sets when needed)."""
-        index = range(len(self.steps))[step_index]
-        step = self.steps[index]
-        if step.running_token_ids is not None:
-            return step.running_token_ids.tolist()
-        sequence: list[int] = []
-        for past in self.steps[: index + 1]:
-            del sequence[past.running_length:]
-            sequence.extend([0] * (past.running_length - len(sequence)))
-            for position, value in zip(past.changed_positions, past.changed_values):
-                sequence[position] = value
-        return sequence
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_id": self.prompt_id, "token_ids": self.token_ids, "full_token_ids": self.full_token_ids,
-            "truncated_at_eos": self.truncated_at_eos, "finished": self.finished,
-            "completion_reason": self.completion_reason, "text": self.text, "full_text": self.full_text,
-            "nfe": self.nfe, "generated_tokens": self.generated_tokens, "prompt_tokens": self.prompt_tokens,
-            "steps": [s.to_dict() for s in self.steps],
-        }
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -243,8 +106,24 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
+def _seed_mean(values: list[float]) -> float:
+    """Diffulex's mean: plain ``sum`` (so values match its to the last bit), 0.0 for none."""
+    return sum(values) / len(values) if values else 0.0
+
+
+def _seed_ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 0.0
+
+
 class GenerationOutputs:
     """Accumulates one batch's trajectories and computes its metrics (see ``docs/metrics.md``).
+
+    Under Diffulex's names (``tpf``, ``ttft``, ``tpot``, ``throughput``, ``e2e_throughput``,
+    ``prefill_throughput``, ``decode_throughput``, ``avg_e2e_tps``, ``avg_decode_tps``,
+    ``batch_step_count``, ``total_time``, ``e2e_total_time``, ``prefill_time``, ...) metrics follow
+    Diffulex's definitions and are 0.0 without data. This package's definitions have their own
+    names (``decode_tpf``, ``batch_ttft``, ``batch_tpot``, ``wall_throughput``,
+    ``split_prefill_throughput``, ...) and are None without data.
 
     ``keep_snapshots=True`` stores every step's whole running sequence (memory: steps x length
     per request); by default a step stores only what changed. ``clock`` (default
@@ -263,38 +142,100 @@ class GenerationOutputs:
         self._clock = clock
         self.start_time = clock()
         self.end_time = self.start_time
+        # batch counters (Diffulex's): a step with no request adds nothing to any of them
         self.num_steps = 0
         self.total_step_time = 0.0
-        self.prefill_time = 0.0
-        self.decode_time = 0.0
+        self.batch_generated_tokens = 0
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.prefill_time = 0.0  # a step with any prefill request counts whole here ...
+        self.decode_time = 0.0  # ... and, if it also had a decode request, whole here too
+        self.split_prefill_time = 0.0  # a step's time split by its share of requests in each phase
+        self.split_decode_time = 0.0
+        self.skipped_requests = 0  # Diffulex requests whose prompt index was out of range
+        self._ints: list[int] = []  # one int object per step index, shared by all trajectories' steps
 
     # ------------------------------------------------------------------ recording
 
-    def record_step(self, reqs: Sequence[EngineRequest], step_time: float,
+    def record_step(self, reqs: Sequence[EngineRequest | DiffulexRequest], step_time: float,
                     req_id_to_prompt_id: Mapping[int, int] | None = None) -> None:
-        """Record one engine step of ``step_time`` seconds for the requests it ran."""
+        """Record one engine step of ``step_time`` seconds for the requests it ran.
+
+        Every request is read before anything is recorded, so a request that cannot be read
+        (``TypeError`` naming what it lacks) or an ``EngineRequest`` that maps to no prompt
+        (``KeyError``, ``IndexError``) leaves the outputs unchanged. A Diffulex request whose
+        ``req_id`` is not in ``req_id_to_prompt_id`` is its own prompt index; one whose index is
+        out of range is counted in the batch counters but recorded in no trajectory (logged once
+        per ``GenerationOutputs``, counted in ``skipped_requests``), as Diffulex does.
+        """
         if step_time < 0 or not math.isfinite(step_time):
             raise ValueError(f"step_time must be a finite, non-negative number of seconds, got {step_time!r}")
-        step_id = self.num_steps
+        if not reqs:
+            return
+        traces, mapping = (self.statuses if self.save_trace else None), req_id_to_prompt_id
+        inputs, targets = [], []
+        n_prefill = generated = prefill_tokens = decode_tokens = 0
+        for req in reqs:  # read everything first: nothing below may fail halfway through a step
+            inp = read_request(req, traces)
+            inputs.append(inp)
+            targets.append(self._target(inp, mapping))
+            generated += inp.new_tokens
+            if not inp.is_prefill:
+                decode_tokens += inp.new_tokens
+            else:
+                n_prefill += 1
+                if inp.diffulex:  # an EngineRequest's prompt counts once, in _record
+                    prefill_tokens += inp.prefill_tokens
+        if None in targets:
+            self._skip(inputs, targets, mapping)
+
+        batch_step = self.num_steps
         self.num_steps += 1
         self.total_step_time += step_time
         elapsed = self.total_step_time
         self.end_time = self._clock()
-        n_prefill = sum(1 for r in reqs if r.is_prefill)
-        if reqs:  # a mixed step's time is split by the share of requests in each phase
-            self.prefill_time += step_time * n_prefill / len(reqs)
-            self.decode_time += step_time * (len(reqs) - n_prefill) / len(reqs)
-        for req in reqs:
-            prompt_id = req_id_to_prompt_id[req.req_id] if req_id_to_prompt_id is not None else req.req_id
-            if not 0 <= prompt_id < self.num_prompts:
-                raise IndexError(f"request {req.req_id!r} maps to prompt {prompt_id!r}, outside 0..{self.num_prompts - 1}")
-            self._record(self.trajectories[prompt_id], req, step_id, step_time, elapsed)
+        self.batch_generated_tokens += generated
+        self.prefill_tokens += prefill_tokens
+        self.decode_tokens += decode_tokens
+        n = len(inputs)
+        if n_prefill:
+            self.prefill_time += step_time
+        if n_prefill < n:
+            self.decode_time += step_time
+        self.split_prefill_time += step_time * n_prefill / n
+        self.split_decode_time += step_time * (n - n_prefill) / n
+        for inp, traj in zip(inputs, targets):
+            if traj is not None:
+                self._record(traj, inp, step_time, elapsed, batch_step)
 
-    def _record(self, traj: ReqTrajectory, req: EngineRequest, step_id: int, step_time: float, elapsed: float) -> None:
-        generated = int(req.num_generated_tokens)
-        running = np.asarray(req.running_token_ids, dtype=np.int64).ravel()
+    def _target(self, inp: StepInput, mapping: Mapping[int, int] | None) -> ReqTrajectory | None:
+        """The request's trajectory. Diffulex's rule for its requests (unmapped: its own
+        ``req_id``; out of range: None, skipped); this package's is strict."""
+        if inp.diffulex:
+            prompt_id = mapping.get(inp.req_id, inp.req_id) if mapping else inp.req_id
+            return self.trajectories[prompt_id] if 0 <= prompt_id < self.num_prompts else None
+        prompt_id = mapping[inp.req_id] if mapping is not None else inp.req_id
+        if not 0 <= prompt_id < self.num_prompts:
+            raise IndexError(f"request {inp.req_id!r} maps to prompt {prompt_id!r}, outside 0..{self.num_prompts - 1}")
+        return self.trajectories[prompt_id]
+
+    def _skip(self, inputs: list[StepInput], targets: list[ReqTrajectory | None],
+              mapping: Mapping[int, int] | None) -> None:
+        """Count the step's skipped requests; log the first of this ``GenerationOutputs``."""
+        if self.skipped_requests == 0:
+            inp = inputs[targets.index(None)]
+            logger.warning("record_step: request %r maps to prompt %r, not one of the %d prompts: not recorded "
+                           "(further ones are counted in GenerationOutputs.skipped_requests, not logged)",
+                           inp.req_id, mapping.get(inp.req_id, inp.req_id) if mapping else inp.req_id,
+                           self.num_prompts)
+        self.skipped_requests += targets.count(None)
+
+    def _record(self, traj: ReqTrajectory, inp: StepInput, step_time: float, elapsed: float, batch_step: int) -> None:
+        running = inp.running
+        if isinstance(running, (list, tuple)):  # fromiter: about 20% faster than asarray on a list of ints
+            running = np.fromiter(running, dtype=np.int64, count=len(running))
+        else:  # an array or tensor: copy, as it may be the engine's own memory
+            running = np.asarray(running, dtype=np.int64).ravel().copy()
         previous = traj._last_running
         if previous is None:
             changed = np.arange(running.size)
@@ -303,58 +244,152 @@ class GenerationOutputs:
             changed = np.flatnonzero(previous[:common] != running[:common])
             if running.size > common:
                 changed = np.concatenate([changed, np.arange(common, running.size)])
-        traj._last_running = running.copy()
-        trace = None
-        if self.save_trace:
-            raw = getattr(req, "block_trace", None)
-            if raw is not None:
-                trace = self.statuses.pack(raw)
-        traj.steps.append(ReqStep(
-            step_id=step_id, step_time=step_time, is_prefill=bool(req.is_prefill), num_generated_tokens=generated,
-            block_size=int(req.block_size), buffer_block_ids=[int(b) for b in req.buffer_block_ids],
-            running_length=int(running.size), changed_positions=changed.tolist(),
-            changed_values=running[changed].tolist(),
-            running_token_ids=traj._last_running if self.keep_snapshots else None,
-            trace=trace, statuses=self.statuses if trace is not None else None,
-        ))
-        if req.is_prefill:
-            if traj.prompt_tokens == 0:  # a prompt counts once, however many steps prefill it
-                traj.prompt_tokens = int(req.num_prompt_tokens)
-                self.prefill_tokens += traj.prompt_tokens
-        else:
-            traj.decode_steps += 1
-            traj.decode_time += step_time
-            self.decode_tokens += generated
-        traj.generated_tokens += generated
-        if traj.first_token_time is None and generated > 0:
-            traj.first_token_time = elapsed
-            traj.first_token_step_tokens = generated
-        traj.finish_time = elapsed
-        if req.is_finished and not traj.finished:
-            self._finish(traj, req)
-
-    @staticmethod
-    def _finish(traj: ReqTrajectory, req: EngineRequest) -> None:
-        full = _ids(req.response_token_ids)
-        eos = set(_ids(req.eos_token_ids)) if req.eos_token_ids is not None else set()
-        cut = next((i for i, t in enumerate(full) if t in eos), None)
-        traj.full_token_ids = full
-        traj.token_ids = full[:cut] if cut is not None else list(full)
-        traj.truncated_at_eos = cut is not None
-        traj.completion_reason = req.completion_reason
-        traj.finished = True
-        traj._last_running = None  # no further diffs: free it
+        traj._last_running = running
+        positions, values = changed.tolist(), running[changed].tolist()
+        trace = inp.trace
+        log = traj._log
+        if log is None:
+            log = traj._log = _ChangeLog()
+        length = int(running.size)
+        index = log.append(length, positions, values)
+        ints, step_id = self._ints, len(traj.steps)
+        if max(step_id, index) >= len(ints):
+            ints.extend(range(len(ints), max(step_id, index) + 64))
+        # an int above 256 is a new 28-byte object each time: all steps share one per value
+        step = ReqStep._recorded(ints[step_id], step_time, inp.is_prefill, inp.new_tokens, inp.block_size,
+                                 inp.buffer_block_ids, length, positions, values,
+                                 running if self.keep_snapshots else None, trace,
+                                 self.statuses if trace is not None else None, batch_step, log, ints[index])
+        traj.steps.append(step)
+        traj._count(step, elapsed)
+        if inp.is_prefill:
+            if inp.diffulex:
+                traj.prompt_tokens += inp.prefill_tokens
+            elif traj.prompt_tokens == 0:  # a prompt counts once, however many steps prefill it
+                traj.prompt_tokens = inp.prefill_tokens
+                self.prefill_tokens += inp.prefill_tokens
+        outcome = inp.outcome
+        if outcome is not None and (inp.diffulex or not traj.finished):  # Diffulex: copied every step
+            traj._apply(outcome)
+            if outcome.finished:
+                traj._last_running = None  # no further diffs: free it
 
     def convert_to_text(self, tokenizer: Any) -> None:
-        """Decode every trajectory: ``text`` from tokens cut at EOS, ``full_text`` from the full response."""
+        """Decode every trajectory as Diffulex does: ``full_text`` from ``full_token_ids`` (or
+        ``token_ids`` when empty), ``text`` from ``token_ids`` cut at the tokenizer's EOS text;
+        special tokens are kept in both."""
+        eos = getattr(tokenizer, "eos_token", None)
+        eos = str(eos) if eos else ""
         for traj in self.trajectories:
-            traj.text = decode_token_ids_robust(tokenizer, traj.token_ids, skip_special_tokens=True)
-            traj.full_text = decode_token_ids_robust(tokenizer, traj.full_token_ids, skip_special_tokens=False)
+            traj.full_text = decode_token_ids_robust(tokenizer, traj.full_token_ids or traj.token_ids)
+            text = decode_token_ids_robust(tokenizer, traj.token_ids)
+            traj.text = text.split(eos)[0] if eos else text
 
-    # ------------------------------------------------------------------ metrics
+    # ------------------------------------------------------------------ Diffulex's metrics
+
+    @property
+    def batch_step_count(self) -> int:
+        """Steps that ran at least one request."""
+        return self.num_steps
+
+    @property
+    def total_time(self) -> float:
+        """Sum of those steps' times."""
+        return float(self.total_step_time)
+
+    @property
+    def e2e_total_time(self) -> float:
+        """Sum over requests of their own steps' times."""
+        return float(sum(t.total_step_time for t in self.trajectories))
+
+    @property
+    def tpf(self) -> float:
+        """Mean over requests of generated tokens / steps taken (prefill steps included)."""
+        return _seed_mean([t.generated_tokens / len(t.steps) for t in self.trajectories if t.steps])
+
+    @property
+    def ttft(self) -> float:
+        """Mean over requests of their own steps' time up to their first step with a token."""
+        return _seed_mean([t.first_token_step_time for t in self.trajectories if t.first_token_step_time is not None])
+
+    @property
+    def tpot(self) -> float:
+        """Mean over requests with more than one token of (own time - TTFT) / (tokens - 1)."""
+        return _seed_mean([(t.total_step_time - t.first_token_step_time) / (t.generated_tokens - 1)
+                           for t in self.trajectories
+                           if t.generated_tokens > 1 and t.first_token_step_time is not None])
+
+    @property
+    def throughput(self) -> float:
+        """Tokens generated in the batch (recorded or not) / ``total_time``."""
+        return _seed_ratio(self.batch_generated_tokens, self.total_step_time)
+
+    @property
+    def e2e_throughput(self) -> float:
+        """Final tokens (``len(token_ids)``) over requests / ``total_time`` (at least 1 ms)."""
+        return sum(len(t.token_ids) for t in self.trajectories) / max(self.total_step_time, 0.001)
+
+    @property
+    def prefill_throughput(self) -> float:
+        return _seed_ratio(self.prefill_tokens, self.prefill_time)
+
+    @property
+    def decode_throughput(self) -> float:
+        return _seed_ratio(self.decode_tokens, self.decode_time)
+
+    @property
+    def avg_e2e_tps(self) -> float:
+        """Mean over requests of final tokens / own time."""
+        return _seed_mean([len(t.token_ids) / t.total_step_time for t in self.trajectories
+                           if t.total_step_time > 0 and len(t.token_ids) > 0])
+
+    @property
+    def avg_decode_tps(self) -> float:
+        """Mean over requests of own decode-step tokens / own decode time."""
+        return _seed_mean([t.decode_tokens / t.decode_time for t in self.trajectories
+                           if t.decode_time > 0 and t.decode_tokens > 0])
+
+    def postfix(self) -> dict[str, str]:
+        """Diffulex's progress-bar fields."""
+        return dict(tpf=f"{self.tpf:.2f}tok/step", ttft=f"{self.ttft:.2f}s", tpot=f"{self.tpot:.2f}s",
+                    e2eps=f"{self.e2e_throughput:.2f}tok/s", ptps=f"{self.prefill_throughput:.2f}tok/s",
+                    dtps=f"{self.decode_throughput:.2f}tok/s")
+
+    def fast_postfix(self) -> dict[str, str]:
+        """Diffulex's O(1) progress-bar fields, from the batch counters alone."""
+        steps = max(self.num_steps, 1)
+        elapsed = max(self.total_step_time, 0.001)
+        decode_elapsed = max(self.decode_time, 0.001)
+        return dict(tpf=f"{self.batch_generated_tokens / steps:.2f}tok/step",
+                    dtps=f"{self.decode_tokens / decode_elapsed:.2f}tok/s",
+                    e2eps=f"{self.batch_generated_tokens / elapsed:.2f}tok/s")
+
+    def log_summary(self) -> None:
+        """Diffulex's summary, line for line, to this module's logger at INFO."""
+        rule = "--------------------------------"
+        for line in (
+            rule, "Generation Outputs Summary:", rule,
+            f"Total Tokens: {sum(len(t.token_ids) for t in self.trajectories)} toks",
+            f"Total NFEs: {self.batch_step_count} nfes (steps)",
+            f"Total Time: {self.total_time} sec",
+            f"E2E Time: {self.e2e_total_time} sec",
+            f"TPF: {self.tpf:.2f} tok/step",
+            f"TTFT: {self.ttft:.2f} sec",
+            f"TPOT: {self.tpot:.2f} sec",
+            f"E2E Throughput: {self.e2e_throughput:.2f} tok/sec",
+            f"Prefill Throughput: {self.prefill_throughput:.2f} tok/sec",
+            f"Decode Throughput: {self.decode_throughput:.2f} tok/sec",
+            f"Avg E2E TPS (per-sample mean): {self.avg_e2e_tps:.2f} tok/sec",
+            f"Avg Decode TPS (per-sample mean): {self.avg_decode_tps:.2f} tok/sec",
+            rule,
+        ):
+            logger.info(line)
+
+    # ------------------------------------------------------------------ this package's metrics
 
     @property
     def total_generated_tokens(self) -> int:
+        """Tokens generated by recorded requests."""
         return sum(t.generated_tokens for t in self.trajectories)
 
     @property
@@ -362,17 +397,27 @@ class GenerationOutputs:
         return self.end_time - self.start_time
 
     def request_metrics(self, i: int) -> dict[str, Any]:
-        """Per-request figures: tokens, NFE, TPF, TTFT, TPOT, end-to-end latency and rates."""
+        """Per-request figures. Diffulex's keys (``tokens``, ``decode_tokens``, ``decode_steps``,
+        ``tpf``, ``e2e_tps``, ``decode_tps``) are 0.0 without data; the others are None."""
         t = self.trajectories[i]
-        tpot = None
-        if t.first_token_time is not None and t.generated_tokens > 1:
-            tpot = (t.finish_time - t.first_token_time) / (t.generated_tokens - 1)
+        generated, tokens = t.generated_tokens, len(t.token_ids)
+        tpot = batch_tpot = None
+        if generated > 1:
+            if t.first_token_step_time is not None:
+                tpot = (t.total_step_time - t.first_token_step_time) / (generated - 1)
+            if t.first_token_time is not None:
+                batch_tpot = (t.finish_time - t.first_token_time) / (generated - 1)
         return {
-            "prompt_id": t.prompt_id, "generated_tokens": t.generated_tokens, "prompt_tokens": t.prompt_tokens,
-            "nfe": t.nfe, "decode_steps": t.decode_steps, "tpf": _ratio(t.generated_tokens, t.decode_steps),
-            "ttft": t.first_token_time, "tpot": tpot, "latency": t.finish_time,
-            "e2e_tps": _ratio(t.generated_tokens, t.finish_time or 0.0),
-            "decode_tps": _ratio(t.generated_tokens, t.decode_time),
+            "prompt_id": t.prompt_id, "tokens": tokens, "generated_tokens": generated,
+            "prompt_tokens": t.prompt_tokens, "nfe": t.nfe, "decode_steps": t.decode_steps,
+            "decode_tokens": t.decode_tokens, "step_time": t.total_step_time, "decode_time": t.decode_time,
+            "tpf": _seed_ratio(generated, t.nfe), "e2e_tps": _seed_ratio(tokens, t.total_step_time),
+            "decode_tps": _seed_ratio(t.decode_tokens, t.decode_time),
+            "ttft": t.first_token_step_time, "tpot": tpot,
+            "decode_tpf": _ratio(generated, t.decode_steps), "batch_ttft": t.first_token_time,
+            "batch_tpot": batch_tpot, "latency": t.finish_time,
+            "batch_e2e_tps": _ratio(generated, t.finish_time or 0.0),
+            "generated_decode_tps": _ratio(generated, t.decode_time),
             "finished": t.finished, "completion_reason": t.completion_reason,
         }
 
@@ -380,84 +425,108 @@ class GenerationOutputs:
         values = (self.request_metrics(i)[key] for i in range(self.num_prompts))
         return [v for v in values if v is not None]
 
-    @property
-    def tpf(self) -> float | None:
-        """Tokens per forward: all generated tokens / all decode steps, over requests."""
-        return _ratio(self.total_generated_tokens, sum(t.decode_steps for t in self.trajectories))
-
-    @property
-    def ttft(self) -> float | None:
-        return _mean(self._per_request("ttft"))
-
-    @property
-    def tpot(self) -> float | None:
-        return _mean(self._per_request("tpot"))
-
     def _percentiles(self, key: str) -> dict[str, float | None]:
         values = self._per_request(key)
         return {f"p{q}": _percentile(values, q) for q in (50, 90, 99)}
 
     def ttft_percentiles(self) -> dict[str, float | None]:
+        """p50/p90/p99 of the per-request TTFTs that ``ttft`` averages."""
         return self._percentiles("ttft")
 
     def tpot_percentiles(self) -> dict[str, float | None]:
+        """p50/p90/p99 of the per-request TPOTs that ``tpot`` averages."""
         return self._percentiles("tpot")
 
     @property
-    def throughput(self) -> float | None:
-        """Generated tokens per second of step time."""
-        return _ratio(self.total_generated_tokens, self.total_step_time)
+    def decode_tpf(self) -> float | None:
+        """Token-weighted tokens per forward: all generated tokens / all decode steps."""
+        return _ratio(self.total_generated_tokens, sum(t.decode_steps for t in self.trajectories))
 
     @property
-    def e2e_throughput(self) -> float | None:
+    def batch_ttft(self) -> float | None:
+        """Mean TTFT on the batch clock (every prompt arrives at 0, so waiting counts)."""
+        return _mean(self._per_request("batch_ttft"))
+
+    @property
+    def batch_tpot(self) -> float | None:
+        return _mean(self._per_request("batch_tpot"))
+
+    def batch_ttft_percentiles(self) -> dict[str, float | None]:
+        return self._percentiles("batch_ttft")
+
+    def batch_tpot_percentiles(self) -> dict[str, float | None]:
+        return self._percentiles("batch_tpot")
+
+    @property
+    def wall_throughput(self) -> float | None:
         """Generated tokens per second of wall time, construction to last step."""
         return _ratio(self.total_generated_tokens, self.wall_time)
 
     @property
-    def prefill_throughput(self) -> float | None:
-        return _ratio(self.prefill_tokens, self.prefill_time)
+    def split_prefill_throughput(self) -> float | None:
+        """Prefill tokens / prefill time with mixed steps split by their share of requests."""
+        return _ratio(self.prefill_tokens, self.split_prefill_time)
 
     @property
-    def decode_throughput(self) -> float | None:
-        return _ratio(self.decode_tokens, self.decode_time)
+    def split_decode_throughput(self) -> float | None:
+        return _ratio(self.decode_tokens, self.split_decode_time)
 
     @property
-    def avg_e2e_tps(self) -> float | None:
-        return _mean(self._per_request("e2e_tps"))
+    def avg_batch_e2e_tps(self) -> float | None:
+        """Mean over requests of generated tokens / batch-clock latency."""
+        return _mean(self._per_request("batch_e2e_tps"))
 
     @property
-    def avg_decode_tps(self) -> float | None:
-        return _mean(self._per_request("decode_tps"))
+    def avg_generated_decode_tps(self) -> float | None:
+        """Mean over requests of all generated tokens / own decode time."""
+        return _mean(self._per_request("generated_decode_tps"))
 
     def metrics(self) -> dict[str, Any]:
-        """Every aggregate metric in one dict (JSON-ready)."""
+        """Every aggregate metric in one dict (JSON-ready): Diffulex's names, then this package's."""
         return {
             "num_prompts": self.num_prompts, "num_steps": self.num_steps,
             "generated_tokens": self.total_generated_tokens, "step_time": self.total_step_time,
-            "wall_time": self.wall_time, "tpf": self.tpf, "ttft": self.ttft, "tpot": self.tpot,
+            "wall_time": self.wall_time,
+            "batch_step_count": self.batch_step_count, "total_time": self.total_time,
+            "e2e_total_time": self.e2e_total_time, "batch_generated_tokens": self.batch_generated_tokens,
+            "prefill_tokens": self.prefill_tokens, "prefill_time": self.prefill_time,
+            "decode_tokens": self.decode_tokens, "decode_time": self.decode_time,
+            "tpf": self.tpf, "ttft": self.ttft, "tpot": self.tpot, "throughput": self.throughput,
+            "e2e_throughput": self.e2e_throughput, "prefill_throughput": self.prefill_throughput,
+            "decode_throughput": self.decode_throughput, "avg_e2e_tps": self.avg_e2e_tps,
+            "avg_decode_tps": self.avg_decode_tps,
             "ttft_percentiles": self.ttft_percentiles(), "tpot_percentiles": self.tpot_percentiles(),
-            "throughput": self.throughput, "e2e_throughput": self.e2e_throughput,
-            "prefill_throughput": self.prefill_throughput, "decode_throughput": self.decode_throughput,
-            "avg_e2e_tps": self.avg_e2e_tps, "avg_decode_tps": self.avg_decode_tps,
+            "decode_tpf": self.decode_tpf, "batch_ttft": self.batch_ttft, "batch_tpot": self.batch_tpot,
+            "batch_ttft_percentiles": self.batch_ttft_percentiles(),
+            "batch_tpot_percentiles": self.batch_tpot_percentiles(),
+            "wall_throughput": self.wall_throughput, "split_prefill_time": self.split_prefill_time,
+            "split_decode_time": self.split_decode_time, "split_prefill_throughput": self.split_prefill_throughput,
+            "split_decode_throughput": self.split_decode_throughput, "avg_batch_e2e_tps": self.avg_batch_e2e_tps,
+            "avg_generated_decode_tps": self.avg_generated_decode_tps, "skipped_requests": self.skipped_requests,
         }
 
     def summary(self) -> str:
-        """One line for logs."""
+        """One line for logs: Diffulex's figures, this package's in parentheses."""
         m = self.metrics()
         fmt = lambda v, unit="", scale=1.0: "n/a" if v is None else f"{v * scale:.2f}{unit}"  # noqa: E731
         return (
             f"{m['num_prompts']} prompts, {m['generated_tokens']} tokens in {m['num_steps']} steps: "
-            f"TPF {fmt(m['tpf'])}, TTFT {fmt(m['ttft'], ' ms', 1e3)} (p99 {fmt(m['ttft_percentiles']['p99'], ' ms', 1e3)}), "
-            f"TPOT {fmt(m['tpot'], ' ms', 1e3)}, throughput {fmt(m['throughput'], ' tok/s')}, "
-            f"decode {fmt(m['decode_throughput'], ' tok/s')}, prefill {fmt(m['prefill_throughput'], ' tok/s')}"
+            f"TPF {fmt(m['tpf'])} (decode {fmt(m['decode_tpf'])}), "
+            f"TTFT {fmt(m['ttft'], ' ms', 1e3)} (p99 {fmt(m['ttft_percentiles']['p99'], ' ms', 1e3)}, "
+            f"batch clock {fmt(m['batch_ttft'], ' ms', 1e3)}), "
+            f"TPOT {fmt(m['tpot'], ' ms', 1e3)} (batch clock {fmt(m['batch_tpot'], ' ms', 1e3)}), "
+            f"throughput {fmt(m['throughput'], ' tok/s')} (wall {fmt(m['wall_throughput'], ' tok/s')}), "
+            f"decode {fmt(m['decode_throughput'], ' tok/s')} (split {fmt(m['split_decode_throughput'], ' tok/s')}), "
+            f"prefill {fmt(m['prefill_throughput'], ' tok/s')} (split {fmt(m['split_prefill_throughput'], ' tok/s')})"
         )
 
     # ------------------------------------------------------------------ export
 
     def to_benchmark_format(self) -> list[dict[str, Any]]:
-        """One dict per prompt: ``text``, ``full_text``, ``token_ids``, ``nfe``."""
-        return [{"text": t.text, "full_text": t.full_text, "token_ids": t.token_ids, "nfe": t.nfe}
-                for t in self.trajectories]
+        """One dict per prompt, as Diffulex's: ``text`` ("" until converted), ``full_text``,
+        ``token_ids``, ``nfe``."""
+        return [{"text": t.text or "", "full_text": t.full_text if t.full_text is not None else (t.text or ""),
+                 "token_ids": t.token_ids or [], "nfe": t.nfe} for t in self.trajectories]
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": self.metrics(),

@@ -75,8 +75,8 @@ class PackedMapping:
     def __bool__(self) -> bool:
         return bool(self.mapping)
 
-    def map(self, name: str) -> MappedName | None:
-        """Rewrite ``name`` by every non-overlapping matching key, most specific first; None if none match."""
+    def _matches(self, name: str) -> tuple[list[str], list[tuple[int, int, str]]]:
+        """The name's segments and the keys that apply to it: (start, end, key), left to right."""
         segments = name.split(".")
         matches = []
         for i, segment in enumerate(segments):
@@ -84,8 +84,6 @@ class PackedMapping:
                 n = len(key_segments)
                 if tuple(segments[i : i + n]) == key_segments:
                     matches.append((-n, i, key))
-        if not matches:
-            return None
         matches.sort()
         taken: list[tuple[int, int, str]] = []
         for neg_n, start, key in matches:
@@ -93,6 +91,9 @@ class PackedMapping:
             if all(end <= s or start >= e for s, e, _ in taken):
                 taken.append((start, end, key))
         taken.sort()
+        return segments, taken
+
+    def _rewrite(self, name: str, segments: list[str], taken: list[tuple[int, int, str]]) -> MappedName:
         out, cursor, shard_ids = [], 0, []
         for start, end, key in taken:
             target, shard_id = self.mapping[key]
@@ -104,3 +105,19 @@ class PackedMapping:
         if len(shard_ids) > 1:
             raise WeightSpecError(f"checkpoint tensor {name!r} matches several keys with shard ids: {shard_ids}")
         return MappedName(".".join(out), shard_ids[0][1] if shard_ids else None, tuple(k for _, _, k in taken))
+
+    def map(self, name: str) -> MappedName | None:
+        """Rewrite ``name`` by every non-overlapping matching key, most specific first; None if none match."""
+        segments, taken = self._matches(name)
+        return self._rewrite(name, segments, taken) if taken else None
+
+    def rooted(self, name: str) -> list[MappedName]:
+        """The rewrites that start at a key's target, dropping what precedes it, first key first.
+
+        Diffulex's LLaDA maps ``"transformer.ff_out": ("lm_head", None)`` for a model whose
+        ``lm_head`` sits at the root while the checkpoint says ``model.transformer.ff_out.weight``:
+        the in-place rewrite ``model.lm_head.weight`` names nothing, ``lm_head.weight`` does.
+        """
+        segments, taken = self._matches(name)
+        return [self._rewrite(name, segments[start:], [(s - start, e - start, k) for s, e, k in taken[i:]])
+                for i, (start, _, _) in enumerate(taken) if start > 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 import re
 import threading
 from dataclasses import dataclass
@@ -24,61 +25,103 @@ __all__ = [
 Factory = Union[Callable[..., Any], str]
 
 _LAZY_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_MAX_UNWRAP = 100  # guards against __wrapped__ cycles and objects that invent attributes
+_MAX_UNWRAP = 100  # nested functools.partial levels followed (a partial of a partial is flattened anyway)
 
 
-def _attr(obj: Any, name: str) -> Any:
+_MISSING = object()
+
+
+def _attr(obj: Any, name: str, default: Any = None) -> Any:
     """getattr that also survives properties and __getattr__ raising anything."""
     try:
-        return getattr(obj, name, None)
+        return getattr(obj, name, default)
     except Exception:  # a display helper must never raise, whatever the object does
-        return None
+        return default
 
 
-def _qualified(module: Any, qualname: Any) -> str | None:
-    if not isinstance(qualname, str) or not qualname:
-        return None
-    if isinstance(module, str) and module:
-        return f"{module}.{qualname}"
-    return qualname
+def _text(value: Any) -> str | None:
+    """``value`` if it is a non-empty string (mocks and proxies answer with other objects)."""
+    return value if isinstance(value, str) and value else None
+
+
+def _joined(module: Any, name: str) -> str:
+    """Diffulex's rule: ``module.name``, or the bare name for ``builtins`` and no module."""
+    module = _text(module)
+    return f"{module}.{name}" if module and module != "builtins" else name
 
 
 def fetch_factory_name(factory: Any) -> str:
-    """Return a stable module-qualified name for a factory, for messages and listings.
+    """Return a module-qualified name for a factory, for messages, listings and comparisons.
 
-    Unwraps ``functools.partial`` (nested) and decorator ``__wrapped__`` chains, names
-    classes, functions, bound methods and callable instances (by their class), shows a lazy
-    ``"module:attr"`` string as ``module.attr``, and never raises.
+    The string is the one Diffulex's ``diffulex.utils.fetch_factory_name`` returns, so code and
+    registries that compare these strings keep working:
+
+    - ``__wrapped__`` chains (decorators) are unwrapped (one that loops is not followed: the
+      object is named as given) and ``functools.partial`` (nested) is replaced by its ``func``;
+    - classes and plain functions: ``module.__qualname__`` (``pkg.Outer.Inner``,
+      ``pkg.<lambda>``, ``pkg.outer.<locals>.inner``);
+    - anything else: ``module.__name__`` when the object has a ``__name__`` (a bound method or a
+      classmethod accessed on its class gives ``pkg.build``, not ``pkg.Builder.build``), else the
+      name of its class (a callable instance gives ``pkg.Builder``; a nested class's instance
+      ``pkg.Inner``);
+    - the module ``builtins`` is left out: ``print`` -> ``"print"``, ``int`` -> ``"int"``,
+      ``None`` -> ``"NoneType"``.
+
+    Where it deliberately differs from Diffulex's:
+
+    - a lazy ``"module:attr"`` string is shown as ``module.attr`` (Diffulex names any string
+      ``"str"``); another string is shown as its ``repr``;
+    - it never raises: an object whose attribute access (or ``isinstance`` check) raises, which
+      Diffulex lets through, is named by its type (``pkg.Hostile``);
+    - a ``__name__``, ``__qualname__`` or ``__module__`` that is not a string (mocks, proxies
+      that invent attributes) is never formatted into the name: the class's name or module
+      stands in for it.
     """
     try:
         return _factory_name(factory)
-    except Exception:  # the contract is "never raises"; fall back to the type's name
-        return f"<unnamed {type(factory).__name__}>"
+    except Exception:  # the contract is "never raises"; _factory_name already falls back
+        return _type_name(type(factory))
+
+
+def _type_name(kind: type) -> str:
+    try:
+        return _joined(kind.__module__, _text(kind.__name__) or "<unnamed>")
+    except Exception:
+        return "<unnamed>"
 
 
 def _factory_name(factory: Any) -> str:
     if isinstance(factory, str):
         return factory.replace(":", ".", 1) if _LAZY_FACTORY.match(factory) else repr(factory)
     obj = factory
-    seen: set[int] = set()
-    for _ in range(_MAX_UNWRAP):
-        if id(obj) in seen:
-            break
-        seen.add(id(obj))
-        if isinstance(obj, functools.partial):
+    try:
+        for _ in range(_MAX_UNWRAP):  # Diffulex recurses; a loop cannot run out of stack
+            try:
+                obj = inspect.unwrap(obj)  # stops with ValueError on a cycle
+            except Exception:
+                pass  # as Diffulex does: keep the object as it is
+            if not isinstance(obj, functools.partial):
+                break
             obj = obj.func
-            continue
-        inner = _attr(obj, "__func__")  # bound methods, classmethod/staticmethod objects
-        if inner is None:
-            inner = _attr(obj, "__wrapped__")
-        if inner is None or inner is obj:
-            break
-        obj = inner
-    name = _qualified(_attr(obj, "__module__"), _attr(obj, "__qualname__"))
-    if name is None:  # an instance (callable or not): name its class
+        return _seed_name(obj)
+    except Exception:  # an object that raises from isinstance or attribute access
+        return _type_name(type(obj))
+
+
+def _seed_name(obj: Any) -> str:
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        name = _text(_attr(obj, "__qualname__")) or _text(_attr(obj, "__name__"))
+        if name is not None:
+            return _joined(_attr(obj, "__module__"), name)
+        return _type_name(type(obj))
+    kind = _attr(obj, "__class__")
+    if not isinstance(kind, type):
         kind = type(obj)
-        name = _qualified(kind.__module__, kind.__qualname__)
-    return name or f"<unnamed {type(factory).__name__}>"
+    name = _text(_attr(obj, "__name__")) or _text(_attr(kind, "__name__")) or type(obj).__name__
+    module = _attr(obj, "__module__", _MISSING)
+    if module is _MISSING or (module is not None and not isinstance(module, str)):
+        module = _attr(kind, "__module__")
+    return _joined(module, name)
 
 
 @dataclass(frozen=True)

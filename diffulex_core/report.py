@@ -23,7 +23,7 @@ class TensorPlacement(NamedTuple):
     dtype: str
     kind: str  # "param", "buffer", "loader", "skip", "unexpected", "rejected"
     target: str | None
-    rule: str  # "plugin:<entry point>", "module:<prefix>", "packed_mapping", "exact", ...
+    rule: str  # "plugin:<entry point>", "module:<prefix>", "packed_mapping", "packed_mapping:root", "exact", "ignored"
     shard_id: Any = None
     note: str | None = None
 
@@ -38,7 +38,13 @@ class TensorPlacement(NamedTuple):
 
 @dataclass
 class LoadReport:
-    """Everything a load planned and did. ``problems`` is empty exactly when the load was clean."""
+    """Everything a load planned and did. ``problems`` is empty exactly when the load was clean.
+
+    ``problem_kinds`` gives each problem's kind, in step with ``problems``: ``"unexpected"``
+    (a tensor nothing takes), ``"missing"`` (a parameter nothing writes) or ``"rejected"`` (a
+    tensor whose destination does not fit it, or whose code failed). ``written_by_loaders``
+    maps each parameter that a loader without ``covers`` wrote to the tensors whose loaders did.
+    """
 
     checkpoint: str
     files: list[str]
@@ -46,12 +52,21 @@ class LoadReport:
     placements: list[TensorPlacement] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    problem_kinds: list[str] = field(default_factory=list)
+    written_by_loaders: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     applied: bool = False
     bytes_total: int = 0
     bytes_read: int = 0
     plan_seconds: float = 0.0
     apply_seconds: float = 0.0
+
+    def add_problem(self, kind: str, text: str) -> None:
+        self.problems.append(text)
+        self.problem_kinds.append(kind)
+
+    def problems_of(self, *kinds: str) -> list[str]:
+        return [p for p, k in zip(self.problems, self.problem_kinds) if k in kinds]
 
     @property
     def ok(self) -> bool:
@@ -88,7 +103,8 @@ class LoadReport:
         return {
             "checkpoint": self.checkpoint, "files": self.files, "strict": self.strict, "ok": self.ok,
             "applied": self.applied, "loaded_by_source": self.loaded_by_source, "skipped": self.skipped,
-            "unexpected": self.unexpected, "missing": self.missing, "problems": self.problems, "notes": self.notes,
+            "unexpected": self.unexpected, "missing": self.missing, "problems": self.problems, "problem_kinds": self.problem_kinds,
+            "written_by_loaders": self.written_by_loaders, "notes": self.notes,
             "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
             "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s,
             "tensors": [p.to_dict() for p in self.placements],

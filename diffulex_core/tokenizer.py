@@ -3,14 +3,15 @@
 ``auto_tokenizer_from_pretrained`` calls ``AutoTokenizer.from_pretrained`` first. Only when that
 fails does it look for a fix: the built-in one for ``extra_special_tokens`` stored as a list
 (transformers 5 writes lists; 4.47-4.57 expect a dict), then ``diffulex_fix_tokenizer`` hooks
-(the built-in ``TokenizersBackend`` fixup among them). An error no fix addresses propagates
-unchanged. ``trust_remote_code`` is only ever what the caller passed.
+(the built-in fixups among them: ``TokenizersBackend`` under transformers 4, and a
+``PreTrainedTokenizerFast`` config whose ``auto_map`` points to a module file that is not
+there). An error no fix addresses propagates unchanged. ``trust_remote_code`` is only ever what
+the caller passed.
 """
 
 from __future__ import annotations
 
 import json
-import keyword
 import logging
 import re
 from pathlib import Path
@@ -37,19 +38,32 @@ def _token_text(token: Any) -> str:
 def coerce_extra_special_tokens(tokens: list[Any]) -> dict[str, Any]:
     """A list of extra special tokens as the dict transformers 4.47-4.57 expect.
 
-    Names are made from the token text (``"<|im_start|>"`` -> ``"im_start_token"``): deterministic,
-    unique, valid identifiers ending in ``_token``, never one of the standard special-token names.
+    The names are Diffulex's: the token text without surrounding ``<``, ``>`` and ``|``, ``-`` as
+    ``_``, other runs of non-word characters as one ``_``, lower-cased, ending in ``_token``
+    (``"<|im-start|>"`` -> ``im_start_token``, ``"<|1|>"`` -> ``1_token``, an empty name ->
+    ``extra_special_{index}_token``); a repeated name gets ``_2``, ``_3``, ... after it
+    (``mask_token``, ``mask_token_2``). Standard names are not avoided: under transformers 4 a
+    token named ``mask_token`` this way also becomes the tokenizer's ``mask_token``, as in Diffulex.
+    Unlike Diffulex, an entry given as a dict (``{"content": ...}``) is named by its content and
+    kept as it is, not turned into a string.
     """
     names: dict[str, Any] = {}
-    for token in tokens:
-        base = re.sub(r"\W+", "_", _token_text(token)).strip("_").lower() or "extra"
-        if base[0].isdigit() or keyword.iskeyword(base):
-            base = f"extra_{base}"
-        name, n = f"{base}_token", 2
-        while name in names or name in STANDARD_SPECIAL_TOKENS:
-            name, n = f"{base}_{n}_token", n + 1
-        names[name] = token
+    for index, token in enumerate(tokens):
+        names[_special_token_name(_token_text(token), index, names)] = token
     return names
+
+
+def _special_token_name(text: str, index: int, used: Any) -> str:
+    name = re.sub(r"\W+", "_", text.strip("<>|").replace("-", "_")).strip("_").lower()
+    if not name:
+        name = f"extra_special_{index}"
+    if not name.endswith("_token"):
+        name = f"{name}_token"
+    unique, suffix = name, 1
+    while unique in used:
+        suffix += 1
+        unique = f"{name}_{suffix}"
+    return unique
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -122,13 +136,16 @@ def _construct(path: Path | str, kwargs: dict[str, Any]) -> Any:
     return cls.from_pretrained(str(path), **kwargs)
 
 
-def auto_tokenizer_from_pretrained(path: str | Path, **kwargs: Any) -> Any:
-    """Load a tokenizer like ``AutoTokenizer.from_pretrained(path, **kwargs)``, fixing known
-    cross-version breakage. The result's ``diffulex_fixups`` lists the fixes applied (empty when
-    none was needed). ``kwargs`` the caller passed always win over a fix's.
+def auto_tokenizer_from_pretrained(tokenizer_path: str | Path, **kwargs: Any) -> Any:
+    """Load a tokenizer like ``AutoTokenizer.from_pretrained(tokenizer_path, **kwargs)``, fixing
+    known cross-version breakage. The result's ``diffulex_fixups`` lists the fixes applied (empty
+    when none was needed). ``kwargs`` the caller passed always win over a fix's.
+
+    ``tokenizer_path`` may be passed by position or by keyword, as in Diffulex's
+    ``diffulex.utils.auto_tokenizer_from_pretrained``.
     """
-    name = str(path)
-    path = Path(path)
+    name = str(tokenizer_path)
+    path = Path(tokenizer_path)
     if path.exists() and not path.is_dir():
         raise TokenizerLoadError(f"{path} is not a directory; pass the directory holding the tokenizer files")
     if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):

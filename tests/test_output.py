@@ -50,16 +50,26 @@ def single_request_outputs():
 def test_single_request_metrics():
     out = single_request_outputs()
     r = out.request_metrics(0)
-    assert r["ttft"] == approx(0.75)  # prefill 0.5 + the first decode step 0.25
+    # this package's definitions, under their own names
+    assert r["batch_ttft"] == approx(0.75)  # prefill 0.5 + the first decode step 0.25
     assert r["latency"] == approx(1.0)
-    assert r["tpot"] == approx((1.0 - 0.75) / (8 - 1))
-    assert (r["generated_tokens"], r["nfe"], r["decode_steps"], r["tpf"]) == (8, 3, 2, 4.0)
-    assert r["e2e_tps"] == approx(8.0) and r["decode_tps"] == approx(16.0)
-    assert out.tpf == 4.0 and out.ttft == approx(0.75) and out.tpot == approx(0.25 / 7)
+    assert r["batch_tpot"] == approx((1.0 - 0.75) / (8 - 1))
+    assert (r["generated_tokens"], r["nfe"], r["decode_steps"], r["decode_tpf"]) == (8, 3, 2, 4.0)
+    assert r["batch_e2e_tps"] == approx(8.0) and r["generated_decode_tps"] == approx(16.0)
+    assert out.decode_tpf == 4.0 and out.batch_ttft == approx(0.75) and out.batch_tpot == approx(0.25 / 7)
+    assert out.split_prefill_throughput == approx(10 / 0.5) and out.split_decode_throughput == approx(8 / 0.5)
+    assert out.wall_throughput == approx(8 / 3.0)  # clock: 0.0 at creation, 3.0 after the last step
+    assert out.avg_batch_e2e_tps == approx(8.0) and out.avg_generated_decode_tps == approx(16.0)
+    # Diffulex's definitions under its names: one request that ran every step, so its own clock is
+    # the batch clock; tokens are the 5 before the EOS, TPF counts the prefill step
+    assert (r["tokens"], r["decode_tokens"], r["tpf"]) == (5, 8, approx(8 / 3))
+    assert r["ttft"] == approx(0.75) and r["tpot"] == approx(0.25 / 7)
+    assert r["e2e_tps"] == approx(5 / 1.0) and r["decode_tps"] == approx(8 / 0.5)
+    assert out.tpf == approx(8 / 3) and out.ttft == approx(0.75) and out.tpot == approx(0.25 / 7)
     assert out.throughput == approx(8.0)
     assert out.prefill_throughput == approx(10 / 0.5) and out.decode_throughput == approx(8 / 0.5)
-    assert out.e2e_throughput == approx(8 / 3.0)  # clock: 0.0 at creation, 3.0 after the last step
-    assert out.avg_e2e_tps == approx(8.0) and out.avg_decode_tps == approx(16.0)
+    assert out.e2e_throughput == approx(5 / 1.0)  # final tokens / step time
+    assert out.avg_e2e_tps == approx(5.0) and out.avg_decode_tps == approx(16.0)
 
 
 def test_eos_inside_the_response_cuts_tokens_but_keeps_the_full_response():
@@ -76,10 +86,13 @@ def test_prefill_only_steps_have_no_token_metrics():
     out.record_step([Req(0, is_prefill=True, num_prompt_tokens=6)], 0.2)
     out.record_step([Req(0, is_prefill=True, num_prompt_tokens=6)], 0.3)  # chunked prefill: prompt counted once
     r = out.request_metrics(0)
-    assert (r["ttft"], r["tpot"], r["tpf"], r["decode_tps"]) == (None, None, None, None)
-    assert out.prefill_throughput == approx(6 / 0.5)
-    assert out.decode_throughput is None and out.throughput == 0.0
+    assert (r["batch_ttft"], r["batch_tpot"], r["decode_tpf"], r["generated_decode_tps"]) == (None, None, None, None)
+    assert (r["ttft"], r["tpot"]) == (None, None)
+    assert (r["tpf"], r["decode_tps"], r["e2e_tps"]) == (0.0, 0.0, 0.0)  # Diffulex's keys: 0.0 without data
+    assert out.prefill_throughput == approx(6 / 0.5) and out.split_prefill_throughput == approx(6 / 0.5)
+    assert out.split_decode_throughput is None and out.decode_throughput == 0.0 and out.throughput == 0.0
     assert out.ttft_percentiles() == {"p50": None, "p90": None, "p99": None}
+    assert out.batch_ttft_percentiles() == {"p50": None, "p90": None, "p99": None}
 
 
 def test_step_mixing_prefill_and_decode_splits_its_time_by_requests():
@@ -87,12 +100,19 @@ def test_step_mixing_prefill_and_decode_splits_its_time_by_requests():
     out.record_step([Req(0, is_prefill=True, num_prompt_tokens=8)], 0.1)
     out.record_step([Req(0, num_generated_tokens=3), Req(1, is_prefill=True, num_prompt_tokens=12)], 0.4)
     out.record_step([Req(1, num_generated_tokens=5)], 0.2)
-    assert out.prefill_time == approx(0.1 + 0.2) and out.decode_time == approx(0.2 + 0.2)
-    assert out.prefill_throughput == approx(20 / 0.3)
-    assert out.decode_throughput == approx(8 / 0.4)
+    assert out.split_prefill_time == approx(0.1 + 0.2) and out.split_decode_time == approx(0.2 + 0.2)
+    assert out.split_prefill_throughput == approx(20 / 0.3)
+    assert out.split_decode_throughput == approx(8 / 0.4)
+    assert out.request_metrics(0)["batch_ttft"] == approx(0.5)
+    assert out.request_metrics(1)["batch_ttft"] == approx(0.7)  # it waited through step 1
+    assert out.request_metrics(0)["generated_decode_tps"] == approx(3 / 0.4)  # its decode step lasted the whole 0.4 s
+    # Diffulex's: the mixed step counts whole toward both phases; TTFT is on the request's own steps
+    assert out.prefill_time == approx(0.1 + 0.4) and out.decode_time == approx(0.4 + 0.2)
+    assert out.prefill_throughput == approx(20 / 0.5) and out.decode_throughput == approx(8 / 0.6)
     assert out.request_metrics(0)["ttft"] == approx(0.5)
-    assert out.request_metrics(1)["ttft"] == approx(0.7)
-    assert out.request_metrics(0)["decode_tps"] == approx(3 / 0.4)  # its decode step lasted the whole 0.4 s
+    assert out.request_metrics(1)["ttft"] == approx(0.6)  # its own steps: 0.4 + 0.2
+    assert out.ttft == approx((0.5 + 0.6) / 2) and out.batch_ttft == approx((0.5 + 0.7) / 2)
+    assert out.request_metrics(0)["decode_tps"] == approx(3 / 0.4)
 
 
 def test_one_token_request_has_ttft_but_no_tpot():
@@ -100,7 +120,9 @@ def test_one_token_request_has_ttft_but_no_tpot():
     out.record_step([Req(0, num_generated_tokens=1, is_finished=True, response_token_ids=[7])], 0.3)
     r = out.request_metrics(0)
     assert r["ttft"] == approx(0.3) and r["tpot"] is None
-    assert out.tpot is None and out.tpot_percentiles()["p50"] is None
+    assert r["batch_ttft"] == approx(0.3) and r["batch_tpot"] is None
+    assert out.batch_tpot is None and out.batch_tpot_percentiles()["p50"] is None
+    assert out.tpot == 0.0 and out.tpot_percentiles()["p50"] is None
 
 
 def test_prompt_id_mapping():
@@ -118,7 +140,9 @@ def test_zero_requests():
     out = GenerationOutputs(0)
     out.record_step([], 0.1)
     m = out.metrics()
-    assert m["generated_tokens"] == 0 and m["tpf"] is None and m["ttft"] is None and m["throughput"] == 0.0
+    assert m["generated_tokens"] == 0 and m["decode_tpf"] is None and m["batch_ttft"] is None
+    assert m["tpf"] == 0.0 and m["ttft"] == 0.0 and m["throughput"] == 0.0
+    assert m["num_steps"] == 0 and m["step_time"] == 0.0  # a step with no request adds nothing
     assert out.to_benchmark_format() == [] and "0 prompts" in out.summary()
 
 
@@ -127,8 +151,10 @@ def test_percentiles_and_summary():
     out.record_step([Req(0, num_generated_tokens=1), Req(1), Req(2)], 1.0)
     out.record_step([Req(1, num_generated_tokens=1), Req(2)], 1.0)
     out.record_step([Req(2, num_generated_tokens=1)], 2.0)
+    # every request ran from step 1, so its own clock is the batch clock: both give 1, 2, 4 s
+    assert out.batch_ttft_percentiles() == {"p50": approx(2.0), "p90": approx(3.6), "p99": approx(3.96)}
     assert out.ttft_percentiles() == {"p50": approx(2.0), "p90": approx(3.6), "p99": approx(3.96)}
-    assert "TTFT 2333.33 ms" in out.summary()
+    assert "TTFT 2333.33 ms" in out.summary() and "batch clock 2333.33 ms" in out.summary()
 
 
 def test_bad_step_time_is_refused():
@@ -145,10 +171,14 @@ def test_running_sequence_is_stored_as_changes_and_rebuilt_exactly():
             out.record_step([Req(0, running_token_ids=list(seq))], 0.1)
     steps = compact.trajectories[0].steps
     assert [s.changed_positions for s in steps[:3]] == [[0, 1, 2, 3], [0], [2]]
-    assert all(s.running_token_ids is None for s in steps)
+    assert all(s.snapshot is None for s in steps)
     for k, seq in enumerate(sequences):
         assert compact.trajectories[0].running_token_ids(k) == seq
-        assert full.trajectories[0].steps[k].running_token_ids.tolist() == seq
+        assert full.trajectories[0].steps[k].snapshot.tolist() == seq
+        assert full.trajectories[0].steps[k].running_token_ids == seq
+    # rebuilt on access, in any order (the replay cache must not leak between steps)
+    for k in (5, 2, 3, 0, 4, 1, 5):
+        assert steps[k].running_token_ids == sequences[k]
 
 
 @pytest.mark.parametrize(("env", "kept"), [("1", True), ("0", False), (None, True)])
@@ -163,9 +193,12 @@ def test_block_traces_follow_diffulex_save_trace(monkeypatch, env, kept):
     out.record_step([Req(0, block_trace=trace)], 0.1)
     step = out.trajectories[0].steps[0]
     if kept:
-        assert step.block_trace == [{k: v for k, v in trace[0].items() if k != "scratch"}]
+        assert step.trace_dicts() == [{k: v for k, v in trace[0].items() if k != "scratch"}]
+        assert step.block_trace == [{"block_id": 0, "is_active": True, "is_dummy": False, "num_mask_tokens": 3,
+                                     "mask_ratio": 0.75, "progress": 0.25, "block_status": "decoding"}]
     else:
-        assert step.block_trace is None
+        assert step.trace_dicts() is None and step.trace is None
+        assert step.block_trace == []  # Diffulex's value when traces are off
 
 
 def test_jsonl_and_dict_export(tmp_path):
@@ -174,9 +207,12 @@ def test_jsonl_and_dict_export(tmp_path):
     out.write_jsonl(path)
     [line] = path.read_text().splitlines()
     record = json.loads(line)
-    assert record["token_ids"] == [5, 6, 7, 8, 9] and record["metrics"]["tpf"] == 4.0
+    assert record["token_ids"] == [5, 6, 7, 8, 9] and record["metrics"]["decode_tpf"] == 4.0
+    assert record["metrics"]["tpf"] == approx(8 / 3)
     assert len(record["steps"]) == 3 and record["steps"][1]["changed_positions"] == [0, 1, 2, 3]
-    assert json.loads(json.dumps(out.to_dict()))["metrics"]["tpf"] == 4.0
+    assert [s["step_id"] for s in record["steps"]] == [0, 1, 2] and record["is_truncated"] is True
+    exported = json.loads(json.dumps(out.to_dict()))["metrics"]
+    assert exported["decode_tpf"] == 4.0 and exported["tpf"] == approx(8 / 3)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -41,10 +41,14 @@ def python4() -> str:
     return str(python)
 
 
-def tool(python: str, *args: str, pythonpath: str = "") -> dict:
+def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = None) -> dict:
+    """Run the tool; stdin is closed, so a "run the custom code?" prompt could never wait for input."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFULEX_", "PYTHONPATH"))}
     env["PYTHONPATH"] = pythonpath
-    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=300, env=env)
+    if modules is not None:  # where transformers would copy remote code it imports
+        env["HF_MODULES_CACHE"] = str(modules)
+    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=300, env=env,
+                            stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     return {**json.loads(result.stdout), "stderr": result.stderr} if result.stdout else {}
 
@@ -120,6 +124,9 @@ def test_list_fallback_alone(written, python4, tmp_path):
     old = tool(python4, "load", str(directory))
     assert old["fixups"] == ["builtin:extra_special_tokens list->dict (extra_special_tokens)"]
     assert comparable(old) == comparable(tool(sys.executable, "load", str(directory)))
+    # Diffulex's names, standard ones included: "<|mask|>" is named (and so becomes) mask_token
+    assert old["extra_names"] == {"mask_token": "<|mask|>", "im_start_token": "<|im_start|>",
+                                  "im_end_token": "<|im_end|>"}
 
 
 def test_extra_special_tokens_passed_by_the_caller_are_never_overridden(written, python4):
@@ -204,13 +211,21 @@ def test_loads_that_need_no_fix_report_none(written):
 # --------------------------------------------------------------------------- generated names
 
 
-def test_coerced_names_are_stable_unique_identifiers_ending_in_token():
-    tokens = ["<|im_start|>", "<|im_start|>", "<eos>", "[MASK]", "<|0|>", "class", "???", {"content": "<|x|>"}]
+def test_coerced_names_are_diffulex_names():
+    names = coerce_extra_special_tokens(["<|mask|>", "<mask>", "<|1|>", "<|im-start|>", "<||>"])
+    assert names == {"mask_token": "<|mask|>", "mask_token_2": "<mask>", "1_token": "<|1|>",
+                     "im_start_token": "<|im-start|>", "extra_special_4_token": "<||>"}
+    assert list(names) == ["mask_token", "mask_token_2", "1_token", "im_start_token", "extra_special_4_token"]
+
+
+def test_coerced_names_more_cases():
+    tokens = ["<|im_start|>", "<|im_start|>", "<|im_start|>", "<eos>", "[MASK]", "<pad_token>", "a--b", "class",
+              "???", "<|Im-End|>", {"content": "<|x|>"}]
     names = coerce_extra_special_tokens(tokens)
-    assert list(names) == ["im_start_token", "im_start_2_token", "eos_2_token", "mask_2_token", "extra_0_token",
-                           "extra_class_token", "extra_token", "x_token"]
-    assert all(n.isidentifier() and n.endswith("_token") for n in names)
-    assert list(names.values()) == tokens
+    assert list(names) == ["im_start_token", "im_start_token_2", "im_start_token_3", "eos_token", "mask_token",
+                           "pad_token", "a__b_token", "class_token", "extra_special_8_token", "im_end_token",
+                           "x_token"]
+    assert list(names.values()) == tokens  # values as given (a dict entry stays a dict)
     assert coerce_extra_special_tokens(tokens) == names  # deterministic
 
 
@@ -221,3 +236,77 @@ def test_a_relative_path_that_is_not_there_is_a_clear_error(monkeypatch, tmp_pat
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(TokenizerLoadError, match="is not a directory"):
         auto_tokenizer_from_pretrained(tmp_path / "file.txt")
+
+
+# --------------------------------------------------------------------------- Diffulex's signature
+
+
+def test_tokenizer_path_can_be_passed_by_keyword(written, tmp_path):
+    by_keyword = auto_tokenizer_from_pretrained(tokenizer_path=written["v5-list"])
+    by_position = auto_tokenizer_from_pretrained(str(written["v5-list"]))
+    text = "<|im_start|>diffusion is fun !<|im_end|>"
+    assert by_keyword(text)["input_ids"] == by_position(text)["input_ids"] == [5, 9, 10, 11, 12, 6]
+    assert by_keyword.diffulex_fixups == ()
+    with pytest.raises(TokenizerLoadError, match="does not exist"):
+        auto_tokenizer_from_pretrained(tokenizer_path=tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------- dangling auto_map
+
+
+def dangling_auto_map_dir(written, tmp_path) -> Path:
+    """transformers 5's files, declared PreTrainedTokenizerFast, with an auto_map to a module that is not there."""
+    directory = tmp_path / "dangling-auto-map"
+    directory.mkdir()
+    for file in written["v5-list"].iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_foo.FooTokenizer", None]}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not (directory / "tokenization_foo.py").exists()
+    return directory
+
+
+@pytest.mark.parametrize("major", ["v5", "v4"])
+def test_dangling_auto_map_loads_as_the_declared_class(written, python4, tmp_path, major):
+    python = sys.executable if major == "v5" else python4
+    directory, modules = dangling_auto_map_dir(written, tmp_path), tmp_path / "hf-modules"
+    # what plain AutoTokenizer does: with trust_remote_code=True it imports the module, which is not there
+    plain = tool(python, "load", str(directory), "--plain", "--trust-remote-code", modules=modules)
+    assert plain["error"] == "OSError" and "tokenization_foo.py" in plain["message"]
+    ours = tool(python, "load", str(directory), "--trust-remote-code", modules=modules)
+    assert "error" not in ours, ours
+    expected = ["plugin:diffulex-core (tokenizer_class)"]
+    if major == "v4":  # then the list those files hold, as for any transformers 5 files
+        expected.append("builtin:extra_special_tokens list->dict (extra_special_tokens)")
+    assert ours["fixups"] == expected
+    assert "loaded with fixes: plugin:diffulex-core (tokenizer_class)" in ours["stderr"]
+    assert ours["encodings"][1] == [5, 9, 10, 11, 12, 6] and ours["extra_ids"] == [4, 5, 6]
+    assert ours["decoded_skip_special"][:3] == ["hello world", "diffusion is fun !", "hello world"]
+    assert comparable(ours) == comparable(tool(python, "load", str(written["v5-list"])))
+    assert not modules.exists() or not any(modules.rglob("tokenization_foo*"))
+
+
+@pytest.mark.parametrize("major", ["v5", "v4"])
+def test_dangling_auto_map_without_remote_code_needs_no_class_fix_and_never_prompts(written, python4, tmp_path,
+                                                                                    major):
+    """Without trust_remote_code transformers uses the declared class itself: no prompt, no fix of ours."""
+    python = sys.executable if major == "v5" else python4
+    ours = tool(python, "load", str(dangling_auto_map_dir(written, tmp_path)), modules=tmp_path / "hf-modules")
+    assert "error" not in ours, ours
+    assert "custom code" not in ours["stderr"]
+    assert ours["fixups"] == ([] if major == "v5" else ["builtin:extra_special_tokens list->dict (extra_special_tokens)"])
+    assert ours["encodings"][1] == [5, 9, 10, 11, 12, 6]
+
+
+def test_an_auto_map_module_that_is_there_but_fails_surfaces_unchanged(written, tmp_path):
+    """Only a missing module is dangling: remote code that exists and fails is the caller's to see."""
+    directory = dangling_auto_map_dir(written, tmp_path)
+    (directory / "tokenization_foo.py").write_text("import diffulex_no_such_package_xyz\n\n\nclass FooTokenizer:\n    pass\n")
+    modules = tmp_path / "hf-modules"
+    plain = tool(sys.executable, "load", str(directory), "--plain", "--trust-remote-code", modules=modules)
+    ours = tool(sys.executable, "load", str(directory), "--trust-remote-code", modules=modules)
+    assert plain["error"] == "ImportError" and "diffulex_no_such_package_xyz" in plain["message"]
+    ours.pop("stderr"), plain.pop("stderr")
+    assert ours == plain

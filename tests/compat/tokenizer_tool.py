@@ -4,7 +4,7 @@ Run by the tokenizer tests under the project's environment (transformers 5) and 
 environment with a transformers 4.5x release, so files written by one are loaded by the other.
 
     python tokenizer_tool.py save DIR --extra list|dict|none
-    python tokenizer_tool.py load DIR [--plain] [--extra-json JSON]
+    python tokenizer_tool.py load DIR [--plain] [--extra-json JSON] [--trust-remote-code]
 
 ``load`` prints one JSON object: the tokenizer's class, the fixes applied, encodings of SAMPLES,
 decoded round trips, and its special tokens; or the error's type and message.
@@ -44,6 +44,7 @@ def build_and_save(directory: str, extra: str) -> None:
 
 def describe(tokenizer) -> dict:
     encodings = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in SAMPLES]
+    named = getattr(tokenizer, "extra_special_tokens", None)  # the names they got: a dict under transformers 4
     return {
         "class": type(tokenizer).__name__,
         "fixups": list(getattr(tokenizer, "diffulex_fixups", ())),
@@ -53,11 +54,14 @@ def describe(tokenizer) -> dict:
         "special": {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")},
         "extra_ids": [tokenizer.convert_tokens_to_ids(token) for token in EXTRA],
         "extra_are_special": sorted(set(EXTRA) & set(tokenizer.all_special_tokens)),
+        "extra_names": {k: str(v) for k, v in named.items()} if isinstance(named, dict) else None,
     }
 
 
-def load(directory: str, plain: bool, extra_json: str | None) -> dict:
+def load(directory: str, plain: bool, extra_json: str | None, trust_remote_code: bool = False) -> dict:
     kwargs = {"extra_special_tokens": json.loads(extra_json)} if extra_json else {}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     try:
         if plain:
             from transformers import AutoTokenizer
@@ -82,13 +86,15 @@ def main() -> None:
     parser.add_argument("--extra", default="list", choices=["list", "dict", "none"])
     parser.add_argument("--plain", action="store_true", help="plain AutoTokenizer, no diffulex fixes")
     parser.add_argument("--extra-json", help="extra_special_tokens the caller passes, as JSON")
+    parser.add_argument("--trust-remote-code", action="store_true", help="pass trust_remote_code=True")
     args = parser.parse_args()
     if args.action == "save":
         build_and_save(args.directory, args.extra)
     else:
         import transformers
 
-        json.dump({"transformers": transformers.__version__, **load(args.directory, args.plain, args.extra_json)},
+        json.dump({"transformers": transformers.__version__, **load(args.directory, args.plain, args.extra_json,
+                                                                  args.trust_remote_code)},
                   sys.stdout)
 
 

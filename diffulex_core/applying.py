@@ -1,0 +1,165 @@
+"""Applying a load plan: code the plan could not check runs first, watched; then bytes move.
+
+1. **Watched** tensors (custom loaders, and transforms or weight loaders that cannot run on
+   meta tensors) are read and handed to their code first, under ``WriteWatcher``: what each
+   writes is recorded (so a loader that did not declare ``covers`` still counts), a failure is
+   a problem of that tensor, and whatever the code overwrote can be put back. Parameters that
+   only such loaders could write and that none wrote are missing. If any of this is fatal the
+   watched writes are undone and ``LoadPlanError`` is raised: nothing else was written yet.
+2. **Everything else**, all checked by the plan: plain copies straight from the file into the
+   parameters' memory (``reader``), then the rest through transforms and ``weight_loader``s.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import LoadApplyError, LoadPlanError
+from .planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into
+from .reader import DirectRead, read_direct, read_exact
+from .report import LoadReport, TensorPlacement
+from .write_watch import ModelMemory, WriteWatcher
+
+__all__ = ["apply_plan", "problem_message"]
+
+PROGRESS_MIN_BYTES = 512 * 1024**2
+MAX_PROBLEMS_SHOWN = 10
+
+
+def problem_message(report: LoadReport, problems: list[str] | None = None, outcome: str = "nothing was loaded") -> str:
+    problems = report.problems if problems is None else problems
+    shown = problems[:MAX_PROBLEMS_SHOWN]
+    more = len(problems) - len(shown)
+    lines = [f"checkpoint {report.checkpoint}: {len(problems)} problem(s); {outcome}:"]
+    lines += [f"  - {p}" for p in shown]
+    if more:
+        lines.append(f"  ... and {more} more (LoadPlanError.report has them all)")
+    return "\n".join(lines)
+
+
+def _read_tensor(item: Planned, fds: dict[Path, int]) -> torch.Tensor:
+    record = item.record
+    fd = fds.get(record.file)
+    if fd is None:
+        fd = fds[record.file] = os.open(record.file, os.O_RDONLY)
+    tensor = torch.empty(record.shape, dtype=record.dtype)
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    read_exact(fd, buffer, record.start, f"{record.file}: tensor {record.name!r}")
+    return tensor
+
+
+def _run_code(item: Planned, dest: torch.Tensor | None, tensor: torch.Tensor) -> None:
+    """Hand a tensor to its code in the seed's order: transform, then loader or weight_loader/copy."""
+    target = item.target
+    if target.transform is not None:
+        tensor = target.transform(tensor)
+    if target.loader is not None:
+        target.loader(tensor)
+    else:
+        load_into(dest, dest, tensor, target.shard_id)
+
+
+def _dest(dests: Destinations, item: Planned) -> torch.Tensor | None:
+    return dests.tensor(item.target.kind, item.target.name) if item.target.name else None
+
+
+def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, Planned]], fds: dict[Path, int],
+                 keep_undo: bool, fatal: tuple[str, ...], advance) -> None:
+    """Phase 1: run code the plan could not check, watching its writes; raise (undone) if fatal."""
+    report = plan.report
+    everything = {**dests.params, **dests.buffers}
+    watcher = WriteWatcher(ModelMemory(everything), keep_undo)
+    storages = {name: (t, t.data) for name, t in everything.items()}  # ``param.data = x`` swaps are writes too
+    for index, item in watched:
+        tensor = _read_tensor(item, fds)
+        mark = watcher.mark()
+        try:
+            with watcher:
+                _run_code(item, _dest(dests, item), tensor)
+        except Exception as exc:
+            watcher.rollback(mark)
+            shard = f" (shard {item.target.shard_id!r})" if item.target.shard_id is not None else ""
+            into = f"into {item.target.kind} {item.target.name!r}{shard} " if item.target.name else ""
+            problem = f"writing it {into}raised {type(exc).__name__}: {exc}"
+            p = item.placement
+            report.placements[index] = TensorPlacement(p.name, p.file, p.shape, p.dtype, "rejected", p.target, p.rule,
+                                                       p.shard_id, problem)
+            report.add_problem("rejected", f"tensor {p.name!r} in {p.file} ({p.rule}): {problem}")
+            continue
+        if item.target.kind == "loader" and not item.target.covers:
+            for name in sorted(watcher.written_since(mark)):
+                report.written_by_loaders.setdefault(name, []).append(item.record.name)
+        advance(item.record.nbytes)
+    swapped = {name for name, (t, data) in storages.items() if t.data_ptr() != data.data_ptr()}
+    for name in sorted(swapped):
+        report.written_by_loaders.setdefault(name, []).append("(replaced its .data)")
+    coverage = watcher.coverage()
+    for name in plan.pending:
+        size, done = watcher.memory.sizes[name], coverage.get(name, 0)
+        if name in swapped or done >= size:
+            continue
+        report.missing.append(name)
+        how = f"loaders wrote only {done} of its {size} bytes" if done else "nor by any loader"
+        report.add_problem("missing", f"{name} is not written by any checkpoint tensor, {how} (missing)")
+    blocking = report.problems_of(*fatal)
+    if blocking:
+        watcher.rollback()
+        for t, data in storages.values():
+            if t.data_ptr() != data.data_ptr():
+                t.data = data
+        raise LoadPlanError(problem_message(report, blocking), report)
+
+
+def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, threads: int | None,
+               keep_undo: bool, fatal: tuple[str, ...]) -> None:
+    """Write every planned tensor; ``fatal`` problem kinds found while applying undo phase 1 and raise."""
+    report = plan.report
+    work = [(i, item) for i, item in enumerate(plan.items) if item.placement.kind in WRITTEN_KINDS]
+    show = progress if progress is not None else (sys.stderr.isatty() and report.bytes_total >= PROGRESS_MIN_BYTES)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=report.bytes_total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not show)
+    started = time.perf_counter()
+
+    def advance(nbytes: int) -> None:
+        report.bytes_read += nbytes
+        bar.update(nbytes)
+
+    fds: dict[Path, int] = {}
+    try:
+        with torch.no_grad():
+            watched = [(i, item) for i, item in work if item.watched]
+            if watched or plan.pending:
+                _run_watched(plan, dests, watched, fds, keep_undo, fatal, advance)
+            direct, coded = [], []
+            for _, item in work:  # ``dests`` keeps every destination alive while its address is in use
+                if item.watched:
+                    continue
+                dest = _dest(dests, item)
+                if item.plain and dest.device.type == "cpu" and dest.is_contiguous():
+                    record = item.record
+                    direct.append(DirectRead(record.file, record.start, record.nbytes, dest.data_ptr(), record.name))
+                else:
+                    coded.append((item, dest))
+            read_direct(direct, threads=threads, on_progress=advance)
+            for item, dest in coded:
+                tensor = _read_tensor(item, fds)
+                try:
+                    _run_code(item, dest, tensor)
+                except Exception as exc:
+                    raise LoadApplyError(
+                        f"writing tensor {item.record.name!r} ({item.placement.rule}) raised {type(exc).__name__}: "
+                        f"{exc}; tensors before it in file order were already written"
+                    ) from exc
+                advance(item.record.nbytes)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        bar.close()
+        report.apply_seconds = time.perf_counter() - started
+    report.applied = True
