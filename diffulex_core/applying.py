@@ -6,6 +6,10 @@
    a problem of that tensor, and whatever the code overwrote can be put back. Parameters that
    only such loaders could write and that none wrote are missing. If any of this is fatal the
    watched writes are undone and ``LoadPlanError`` is raised: nothing else was written yet.
+   Undoing keeps a host copy of every byte the watched code overwrites (``undo="bytes"``); a
+   model materialized by this load goes back to the meta device instead (``undo="caller"``);
+   with ``undo="none"`` (the seed's door) a fatal problem is a ``LoadApplyError`` that names
+   what was written.
 2. **Everything else**, all checked by the plan: plain copies straight from the file into the
    parameters' memory (``reader``), then the rest through transforms and ``weight_loader``s.
 """
@@ -69,11 +73,11 @@ def _dest(dests: Destinations, item: Planned) -> torch.Tensor | None:
 
 
 def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, Planned]], fds: dict[Path, int],
-                 keep_undo: bool, fatal: tuple[str, ...], advance) -> None:
+                 undo: str, fatal: tuple[str, ...], advance) -> None:
     """Phase 1: run code the plan could not check, watching its writes; raise (undone) if fatal."""
     report = plan.report
     everything = {**dests.params, **dests.buffers}
-    watcher = WriteWatcher(ModelMemory(everything), keep_undo)
+    watcher = WriteWatcher(ModelMemory(everything), keep_undo=undo == "bytes")
     storages = {name: (t, t.data) for name, t in everything.items()}  # ``param.data = x`` swaps are writes too
     for index, item in watched:
         tensor = _read_tensor(item, fds)
@@ -107,16 +111,22 @@ def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, P
         how = f"loaders wrote only {done} of its {size} bytes" if done else "nor by any loader"
         report.add_problem("missing", f"{name} is not written by any checkpoint tensor, {how} (missing)")
     blocking = report.problems_of(*fatal)
-    if blocking:
-        watcher.rollback()
-        for t, data in storages.values():
-            if t.data_ptr() != data.data_ptr():
-                t.data = data
-        raise LoadPlanError(problem_message(report, blocking), report)
+    if not blocking:
+        return
+    written = sorted({name for name, _, _ in watcher.log} | swapped)
+    if undo == "none" and written:
+        raise LoadApplyError(problem_message(report, blocking, outcome=(
+            f"model code had already written {len(written)} tensor(s), e.g. {written[0]!r}, which were not undone "
+            f"(no undo copies were kept: load_model, or load_checkpoint with rollback=False)")))
+    watcher.rollback()
+    for t, data in storages.values():
+        if t.data_ptr() != data.data_ptr():
+            t.data = data
+    raise LoadPlanError(problem_message(report, blocking), report)
 
 
 def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, threads: int | None,
-               keep_undo: bool, fatal: tuple[str, ...]) -> None:
+               undo: str, fatal: tuple[str, ...]) -> None:
     """Write every planned tensor; ``fatal`` problem kinds found while applying undo phase 1 and raise."""
     report = plan.report
     work = [(i, item) for i, item in enumerate(plan.items) if item.placement.kind in WRITTEN_KINDS]
@@ -135,7 +145,7 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
         with torch.no_grad():
             watched = [(i, item) for i, item in work if item.watched]
             if watched or plan.pending:
-                _run_watched(plan, dests, watched, fds, keep_undo, fatal, advance)
+                _run_watched(plan, dests, watched, fds, undo, fatal, advance)
             direct, coded = [], []
             for _, item in work:  # ``dests`` keeps every destination alive while its address is in use
                 if item.watched:

@@ -146,7 +146,7 @@ def try_load_via_packed_mapping(model: nn.Module, packed_modules_mapping: Mappin
 
 def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any, strict: bool,
           device: str | torch.device | None, progress: bool | None, threads: int | None,
-          fatal: tuple[str, ...]) -> LoadReport:
+          fatal: tuple[str, ...], rollback: bool) -> LoadReport:
     """Plan, refuse if any ``fatal`` kind of problem, materialize a meta model, apply; undo on failure."""
     with gc_paused():
         plan = plan_checkpoint(model, path, family=family, config=config, strict=strict)
@@ -167,7 +167,8 @@ def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any
         try:
             # A model materialized here goes back to the meta device on failure; one that held
             # weights keeps the bytes that watched code overwrites, to put them back.
-            apply_plan(plan, dests, progress=progress, threads=threads, keep_undo=not materialized, fatal=fatal)
+            undo = "caller" if materialized else "bytes" if rollback else "none"
+            apply_plan(plan, dests, progress=progress, threads=threads, undo=undo, fatal=fatal)
         except BaseException:
             if materialized:
                 materialize(model, "meta")
@@ -177,17 +178,22 @@ def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any
 
 def load_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = None, config: Any = None,
                     strict: bool = True, device: str | torch.device | None = None,
-                    progress: bool | None = None, threads: int | None = None) -> LoadReport:
+                    progress: bool | None = None, threads: int | None = None,
+                    rollback: bool = True) -> LoadReport:
     """Load a safetensors checkpoint into ``model`` and return a ``LoadReport``.
 
     ``strict=True`` raises ``LoadPlanError`` when the load finds any problem, and the model is
     left as it was; ``strict=False`` loads what it can, logs a warning and returns the report.
+    Code the plan cannot check (custom loaders, weight loaders that need real tensors) runs first;
+    to undo it on failure, a model that already holds weights keeps a host copy of what that code
+    overwrites (``rollback=False`` saves that memory and time, and a failure then says what was
+    written). A model built on the meta device needs no copy: it simply goes back to meta.
     A model on the meta device is materialized on ``device`` after a successful plan (ties kept).
     ``progress=None`` shows a progress bar only on a terminal and for large loads; ``threads``
     caps the reading threads (default: one per core).
     """
     report = _load(model, path, family=family, config=config, strict=strict, device=device, progress=progress,
-                   threads=threads, fatal=ALL_PROBLEMS if strict else ())
+                   threads=threads, fatal=ALL_PROBLEMS if strict else (), rollback=rollback)
     if report.problems:
         log.warning("%s", problem_message(report, outcome="loaded the rest (strict=False)"))
     return report
@@ -201,7 +207,10 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
     stop at checkpoint tensors nothing takes or parameters nothing writes; unlike it, it says so
     (a ``LoadWarning`` listing them) and keeps the full report on ``model.diffulex_load_report``.
     Tensors that do not fit their destination, failing model code, and broken, missing or
-    pickle-only checkpoints raise, as ``load_checkpoint`` does.
+    pickle-only checkpoints raise, as ``load_checkpoint`` does. Like Diffulex's loader it keeps no
+    copy of what model code overwrites (a copy costs host memory and time per written byte, a lot
+    for MoE experts): model code that fails part-way raises ``LoadApplyError`` naming what it had
+    written. ``load_checkpoint`` is the all-or-nothing door.
     """
     if getattr(config, "use_lora", False):  # refuse before writing anything, never load base-only silently
         raise LoadError(
@@ -209,7 +218,7 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
             f"available in this version of diffulex-core; nothing was loaded"
         )
     report = _load(model, config.model, family=getattr(config, "model_name", None), config=config, strict=False,
-                   device=None, progress=None, threads=None, fatal=("rejected",))
+                   device=None, progress=None, threads=None, fatal=("rejected",), rollback=False)
     model.diffulex_load_report = report
     if report.problems:
         warnings.warn(problem_message(report, outcome="loaded the rest, as Diffulex's loader would "

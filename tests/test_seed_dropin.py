@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffulex_core.errors import LoadPlanError, LoadWarning
+from diffulex_core.errors import LoadApplyError, LoadPlanError, LoadWarning
 from diffulex_core.loader import load_checkpoint, load_model
 from diffulex_core.registry import get_family
 
@@ -171,9 +171,16 @@ def test_failing_model_code_undoes_what_the_loaders_wrote(family, hf_checkpoint,
         load_checkpoint(model, path)
     # Layer 0's experts were written by their loaders before the failure; they were put back.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(LoadPlanError, match="non-finite"):  # the seed's door refuses it too
+    # The seed's door keeps no undo copies (as Diffulex): it refuses too, and says what was written.
+    with pytest.raises(LoadApplyError, match=r"model code had already written \d+ tensor\(s\), e.g. "
+                                             r"'model\.layers\.0\..*not undone(?s:.*)non-finite"):
         load_model(model, SimpleNamespace(model=str(path), model_name="seedstyle_moe", use_lora=False))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # rollback=False on our door: the same, and nothing after the failing tensor was written.
+    model = build(family, path, meta=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoadApplyError, match="not undone"):
+        load_checkpoint(model, path, rollback=False)
+    assert torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])  # plain copies come later
 
 
 def test_unexpected_tensors_ignored_by_the_plugin_or_reported(family, hf_checkpoint, tmp_path):
