@@ -404,6 +404,9 @@ class _Planner:
             if not isinstance(tensor, torch.Tensor):
                 return f"its transform returned {type(tensor).__name__}, not a tensor", False, None
             shape, dtype = tuple(tensor.shape), tensor.dtype
+        if target.shard_id is not None and getattr(dest, "weight_loader", None) is None:
+            return (f"shard id {target.shard_id!r} given but {kind} {name!r} has no "
+                    f"weight_loader(param, tensor, shard_id)"), False, None
         if not castable(dtype, dest.dtype, kind):
             return f"dtype {dtype} cannot be cast to {kind} {name!r} ({dest.dtype}) without losing values", False, None
         if target.shard_id is None and whole_tensor_loader(dest) is None:

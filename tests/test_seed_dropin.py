@@ -359,3 +359,10 @@ def test_planning_never_writes_a_materialized_model(tmp_path):
     assert all("checked when applied" in p.note for p in plan.report.placements)
     load_checkpoint(model, path)
     assert torch.equal(model.layer.weight, torch.cat([torch.ones(2, 2), torch.full((2, 2), 2.0)]))
+
+
+def test_a_shard_id_for_a_parameter_without_weight_loader_is_found_by_the_plan(tmp_path):
+    model = Resolving({"fc.weight": lambda m: ResolvedWeight(param=m.fc.weight, shard_id=0)})
+    path = write(tmp_path, {"fc.weight": torch.ones(2, 2), "other.weight": torch.ones(2, 2)})
+    with pytest.raises(LoadPlanError, match="shard id 0 given but param 'fc.weight' has no weight_loader"):
+        load_checkpoint(model, path)
