@@ -16,10 +16,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -46,14 +46,11 @@ def problem_message(report: LoadReport, problems: list[str] | None = None, outco
     return "\n".join(lines)
 
 
-def _read_tensor(item: Planned, fds: dict[Path, int]) -> torch.Tensor:
+def _read_tensor(item: Planned, fds: Mapping[Path, int]) -> torch.Tensor:
     record = item.record
-    fd = fds.get(record.file)
-    if fd is None:
-        fd = fds[record.file] = os.open(record.file, os.O_RDONLY)
     tensor = torch.empty(record.shape, dtype=record.dtype)
     buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
-    read_exact(fd, buffer, record.start, f"{record.file}: tensor {record.name!r}")
+    read_exact(fds[record.file], buffer, record.start, f"{record.file}: tensor {record.name!r}")
     return tensor
 
 
@@ -72,7 +69,7 @@ def _dest(dests: Destinations, item: Planned) -> torch.Tensor | None:
     return dests.tensor(item.target.kind, item.target.name) if item.target.name else None
 
 
-def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, Planned]], fds: dict[Path, int],
+def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, Planned]], fds: Mapping[Path, int],
                  undo: str, fatal: tuple[str, ...], advance) -> None:
     """Phase 1: run code the plan could not check, watching its writes; raise (undone) if fatal."""
     report = plan.report
@@ -140,7 +137,7 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
         report.bytes_read += nbytes
         bar.update(nbytes)
 
-    fds: dict[Path, int] = {}
+    fds = plan.open_files.fds
     try:
         with torch.no_grad():
             watched = [(i, item) for i, item in work if item.watched]
@@ -156,7 +153,7 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                     direct.append(DirectRead(record.file, record.start, record.nbytes, dest.data_ptr(), record.name))
                 else:
                     coded.append((item, dest))
-            read_direct(direct, threads=threads, on_progress=advance)
+            read_direct(direct, fds, threads=threads, on_progress=advance)
             for item, dest in coded:
                 tensor = _read_tensor(item, fds)
                 try:
@@ -168,8 +165,6 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                     ) from exc
                 advance(item.record.nbytes)
     finally:
-        for fd in fds.values():
-            os.close(fd)
         bar.close()
         report.apply_seconds = time.perf_counter() - started
     report.applied = True

@@ -23,7 +23,8 @@ from .applying import apply_plan, problem_message
 from .checkpoint import LoadContext, ResolvedWeight
 from .errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
 from .packed_mapping import PackedMapping, merge_mappings
-from .planning import Destinations, LoadPlan, default_weight_loader, gc_paused, load_into, plan_checkpoint, resolver_of
+from .planning import (Destinations, LoadPlan, default_weight_loader, gc_paused, load_into, plan_checkpoint, plan_for_load,
+                       resolver_of)
 from .report import LoadReport
 from .ties import materialize
 
@@ -147,32 +148,41 @@ def try_load_via_packed_mapping(model: nn.Module, packed_modules_mapping: Mappin
 def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any, strict: bool,
           device: str | torch.device | None, progress: bool | None, threads: int | None,
           fatal: tuple[str, ...], rollback: bool) -> LoadReport:
-    """Plan, refuse if any ``fatal`` kind of problem, materialize a meta model, apply; undo on failure."""
+    """Plan (files kept open), then apply; a meta model goes back to meta on failure."""
     with gc_paused():
-        plan = plan_checkpoint(model, path, family=family, config=config, strict=strict)
-        report, dests = plan.report, plan.dests
-        blocking = report.problems_of(*fatal)
-        if blocking:
-            raise LoadPlanError(problem_message(report, blocking), report)
-        tensors = [*dests.params.values(), *dests.buffers.values()]
-        materialized = any(t.is_meta for t in tensors)
+        plan = plan_for_load(model, path, family=family, config=config, strict=strict)
+        with plan.open_files:
+            return _apply(model, plan, device=device, progress=progress, threads=threads, fatal=fatal,
+                          rollback=rollback)
+
+
+def _apply(model: nn.Module, plan: LoadPlan, *, device: str | torch.device | None, progress: bool | None,
+           threads: int | None, fatal: tuple[str, ...], rollback: bool) -> LoadReport:
+    """Refuse a fatal plan or a file changed since planning, materialize a meta model, apply."""
+    report, dests = plan.report, plan.dests
+    blocking = report.problems_of(*fatal)
+    if blocking:
+        raise LoadPlanError(problem_message(report, blocking), report)
+    plan.open_files.check_unchanged()
+    tensors = [*dests.params.values(), *dests.buffers.values()]
+    materialized = any(t.is_meta for t in tensors)
+    if materialized:
+        if device is None:
+            raise LoadError(f"{type(model).__qualname__} is on the meta device; pass device=... to materialize it")
+        materialize(model, device)
+        dests = Destinations(model)  # materializing made new parameter objects
+    elif device is not None and any(t.device != torch.device(device) for t in tensors):
+        raise LoadError(f"{type(model).__qualname__} is already materialized on another device than {device}; "
+                        f"move it first or build it on the meta device")
+    try:
+        # A model materialized here goes back to the meta device on failure; one that held
+        # weights keeps the bytes that watched code overwrites, to put them back.
+        undo = "caller" if materialized else "bytes" if rollback else "none"
+        apply_plan(plan, dests, progress=progress, threads=threads, undo=undo, fatal=fatal)
+    except BaseException:
         if materialized:
-            if device is None:
-                raise LoadError(f"{type(model).__qualname__} is on the meta device; pass device=... to materialize it")
-            materialize(model, device)
-            dests = Destinations(model)  # materializing made new parameter objects
-        elif device is not None and any(t.device != torch.device(device) for t in tensors):
-            raise LoadError(f"{type(model).__qualname__} is already materialized on another device than {device}; "
-                            f"move it first or build it on the meta device")
-        try:
-            # A model materialized here goes back to the meta device on failure; one that held
-            # weights keeps the bytes that watched code overwrites, to put them back.
-            undo = "caller" if materialized else "bytes" if rollback else "none"
-            apply_plan(plan, dests, progress=progress, threads=threads, undo=undo, fatal=fatal)
-        except BaseException:
-            if materialized:
-                materialize(model, "meta")
-            raise
+            materialize(model, "meta")
+        raise
     return report
 
 

@@ -19,6 +19,7 @@ import contextlib
 import fnmatch
 import gc
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,14 @@ from torch import nn
 from .checkpoint import LoadContext, ResolvedWeight
 from .checkpoint_files import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
 from .errors import CheckpointFormatError, DiffulexError, LoadError, WeightSpecError
+from .file_handles import OpenFiles
 from .packed_mapping import MappedName, PackedMapping, merge_mappings
 from .plugins import call_impl, collect_results, impls_in_call_order
 from .report import LoadReport, TensorPlacement
 from .ties import storage_key, tie_keys
 from .write_watch import MetaOnly
 
-__all__ = ["LoadPlan", "Destinations", "Target", "plan_checkpoint", "gc_paused", "default_weight_loader",
+__all__ = ["LoadPlan", "Destinations", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
            "whole_tensor_loader", "load_into", "resolver_of"]
 
 WRITTEN_KINDS = ("param", "buffer", "loader")
@@ -297,12 +299,15 @@ class LoadPlan:
 
     ``pending`` are parameters no declared destination writes while loaders that did not
     declare what they write (``covers``) may: they are missing unless a loader writes them.
+    ``open_files`` holds the descriptors the headers were read through (closed by whoever
+    planned: ``plan_checkpoint`` before it returns, a load after applying).
     """
 
     files: CheckpointFiles
     items: list[Planned]
     report: LoadReport
     dests: Destinations
+    open_files: OpenFiles
     pending: list[str] = field(default_factory=list)
 
 
@@ -422,7 +427,7 @@ class _Planner:
             return None, False, f"its weight_loader cannot run on meta tensors ({type(exc).__name__}: {exc})"
         return None, False, None
 
-    def plan(self, path: Path) -> LoadPlan:
+    def plan(self, path: Path, open_files: OpenFiles) -> LoadPlan:
         started = time.perf_counter()
         files = find_checkpoint_files(path)
         report = LoadReport(checkpoint=str(path), files=[str(f) for f in files.files], strict=self.strict,
@@ -433,7 +438,7 @@ class _Planner:
         covered: set[str] = set()
         undeclared_loaders = 0
         model_name = type(self.model).__qualname__
-        for record in _records(files):
+        for record in _records(files, open_files):
             plain = watched = False
             target, rule, note = self.resolve(record.name)
             base = (record.name, record.file.name, record.shape, _DTYPE_NAMES[record.dtype])
@@ -488,7 +493,7 @@ class _Planner:
                 report.add_problem("missing", f"{name} is not written by any checkpoint tensor (missing)")
         report.bytes_total = sum(i.record.nbytes for i in items if i.placement.kind in WRITTEN_KINDS)
         report.plan_seconds = time.perf_counter() - started
-        return LoadPlan(files, items, report, self.dests, pending)
+        return LoadPlan(files, items, report, self.dests, open_files, pending)
 
     def unwritten(self, written: set, covered: set[str]) -> list[str]:
         """Parameters and persistent buffers nothing writes; tied ones (one object or one storage) count once."""
@@ -506,13 +511,21 @@ class _Planner:
         return out
 
 
-def _records(files: CheckpointFiles) -> list[TensorRecord]:
-    """All tensors of all files, with duplicates and index disagreements refused."""
+def _records(files: CheckpointFiles, open_files: OpenFiles) -> list[TensorRecord]:
+    """All tensors of all files, with duplicates and index disagreements refused.
+
+    Each file is opened before its header is read, and must still be the same file afterwards,
+    so the descriptor the apply step reads through holds exactly the bytes the header described.
+    """
     records: list[TensorRecord] = []
     seen: dict[str, TensorRecord] = {}
     for file in files.files:
         relative = file.relative_to(files.root).as_posix()
-        for record in read_records(file):
+        fd = open_files.open(file)
+        file_records = read_records(file)
+        if not os.path.samestat(os.fstat(fd), os.stat(file)):
+            raise CheckpointFormatError(f"{file} was replaced while its header was read; nothing was loaded")
+        for record in file_records:
             if record.name in seen:
                 raise CheckpointFormatError(
                     f"tensor {record.name!r} is in both {seen[record.name].file.name} and {file.name}; remove one copy"
@@ -534,8 +547,20 @@ def _records(files: CheckpointFiles) -> list[TensorRecord]:
     return records
 
 
+def plan_for_load(model: nn.Module, path: str | Path, *, family: str | None, config: Any, strict: bool) -> LoadPlan:
+    """The plan of a load, its files left open for the apply step (the caller closes ``open_files``)."""
+    open_files = OpenFiles()
+    try:
+        return _Planner(model, Path(path), family, config, strict).plan(Path(path), open_files)
+    except BaseException:
+        open_files.close()
+        raise
+
+
 def plan_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = None, config: Any = None,
                     strict: bool = True) -> LoadPlan:
     """Plan a load from headers alone: no tensor bytes are read and nothing is written."""
     with gc_paused():
-        return _Planner(model, Path(path), family, config, strict).plan(Path(path))
+        plan = plan_for_load(model, path, family=family, config=config, strict=strict)
+    plan.open_files.close()
+    return plan

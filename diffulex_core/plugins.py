@@ -291,12 +291,16 @@ _plugins: Plugins | None = None
 def get_plugins() -> Plugins:
     """Discover plugins on first call (thread-safe) and return the cached outcome.
 
+    The outcome returned is the one read under the lock, so a concurrent ``reset_plugins()``
+    never makes a caller see ``None`` or a half-set state.
+
     Warns (``PluginWarning``) once per failure; raises ``PluginLoadError`` on every call
     when ``DIFFULEX_STRICT_PLUGINS=1`` and anything failed.
     """
     global _plugins
     with _lock:
-        if _plugins is None:
+        plugins = _plugins  # read under the lock: reset_plugins() may clear the global once it is released
+        if plugins is None:
             strict = _flag(ENV_STRICT)
             allow, block = _name_list(ENV_ALLOW), _name_list(ENV_BLOCK) or set()
             plugins = _Discovery().run(strict, allow, block)
@@ -304,9 +308,9 @@ def get_plugins() -> Plugins:
                 for failure in plugins.failures:
                     warnings.warn(f"{failure.describe()}; other plugins still loaded", PluginWarning, stacklevel=3)
             _plugins = plugins
-    if _plugins.strict and _plugins.failures:
-        raise PluginLoadError(_plugins.failures)
-    return _plugins
+    if plugins.strict and plugins.failures:  # the local snapshot, never the global again
+        raise PluginLoadError(plugins.failures)
+    return plugins
 
 
 def get_plugin_manager() -> pluggy.PluginManager:

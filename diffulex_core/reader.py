@@ -13,7 +13,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 from .errors import LoadApplyError
 
@@ -40,10 +40,13 @@ class DirectRead(NamedTuple):
 
 
 def read_exact(fd: int, buffer: memoryview, offset: int, what: str) -> None:
-    """Fill ``buffer`` from ``offset`` of ``fd``; a short file is an error naming ``what``."""
+    """Fill ``buffer`` from ``offset`` of ``fd``; a short file or an I/O error is a ``LoadApplyError`` naming ``what``."""
     done, size = 0, len(buffer)
     while done < size:
-        n = os.preadv(fd, [buffer[done:]], offset + done)
+        try:
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+        except OSError as exc:
+            raise LoadApplyError(f"{what}: reading failed ({exc.strerror or exc})") from exc
         if n <= 0:
             raise LoadApplyError(f"{what}: the file ended before the tensor did; was it changed during the load?")
         done += n
@@ -114,11 +117,11 @@ def _tasks(ops: list[_Op]) -> list[list[_Op]]:
     return tasks
 
 
-def read_direct(reads: list[DirectRead], *, threads: int | None = None,
+def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, threads: int | None = None,
                 on_progress: Callable[[int], None] | None = None) -> None:
-    """Perform every read; ``on_progress(nbytes)`` is called from this thread as tasks finish."""
+    """Perform every read through the open descriptors ``fds`` (file -> fd, owned by the caller);
+    ``on_progress(nbytes)`` is called from this thread as tasks finish."""
     tasks = _tasks(_ops(reads))
-    fds = {file: os.open(file, os.O_RDONLY) for file in {read.file for read in reads}}
     staging = _Staging()
 
     def run(task: list[_Op]) -> int:
@@ -137,17 +140,13 @@ def read_direct(reads: list[DirectRead], *, threads: int | None = None,
         return done
 
     workers = min(threads or os.cpu_count() or 1, len(tasks))
-    try:
-        if workers <= 1:
-            for task in tasks:
-                done = run(task)
+    if workers <= 1:
+        for task in tasks:
+            done = run(task)
+            if on_progress:
+                on_progress(done)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffulex-read") as pool:
+            for done in pool.map(run, tasks):
                 if on_progress:
                     on_progress(done)
-        else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffulex-read") as pool:
-                for done in pool.map(run, tasks):
-                    if on_progress:
-                        on_progress(done)
-    finally:
-        for fd in fds.values():
-            os.close(fd)

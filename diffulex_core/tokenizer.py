@@ -5,14 +5,28 @@ fails does it look for a fix: the built-in one for ``extra_special_tokens`` stor
 (transformers 5 writes lists; 4.47-4.57 expect a dict), then ``diffulex_fix_tokenizer`` hooks
 (the built-in fixups among them: ``TokenizersBackend`` under transformers 4, and a
 ``PreTrainedTokenizerFast`` config whose ``auto_map`` points to a module file that is not
-there). An error no fix addresses propagates unchanged. ``trust_remote_code`` is only ever what
-the caller passed.
+there). An error no fix addresses propagates unchanged.
+
+Remote code: ``trust_remote_code`` is ``False`` unless the caller passed ``True`` (``None`` counts
+as not passed), on every call to transformers, fix retries and fallback classes included, so
+transformers never asks "run the custom code? [y/N]" and never imports a directory's ``.py``
+files on its own; a fix may not turn it on.
+
+A name that is not a local directory is read as a Hugging Face hub id, looked up in bounded time:
+first in the local cache only (``local_files_only=True``, no network); if that fails, unless the
+caller passed ``local_files_only`` or offline mode is on (``HF_HUB_OFFLINE``), one request of at
+most ``HUB_TIMEOUT_S`` seconds asks the hub whether the repository exists; only then does
+transformers download it. Otherwise ``TokenizerLoadError`` names both readings ("not a local
+directory: ...; as a hub id: ..."), in seconds, where transformers' retries take ~50 s without a
+network. A caller who passes ``local_files_only=False`` skips the cache-only step (to pick up a
+newer revision). A hub id already in the cache is loaded from it without contacting the hub.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +39,10 @@ log = logging.getLogger("diffulex_core.tokenizer")
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MAX_ATTEMPTS = 4  # the first try plus up to three fixes, each for a different error
+HUB_TIMEOUT_S = 10.0  # the one request asking the hub whether a repository exists
+# huggingface_hub's rule for repository ids: "name" or "namespace/name", word characters, "-", "."
+_HUB_ID = re.compile(r"(?:[\w\-.]+/)?[\w\-.]+")
+_TRUE_ENV = {"1", "on", "yes", "true"}
 _LIST_KEYS_ERROR = "'list' object has no attribute 'keys'"
 # attribute names a tokenizer already has for its standard special tokens
 STANDARD_SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")} | {
@@ -141,17 +159,107 @@ def auto_tokenizer_from_pretrained(tokenizer_path: str | Path, **kwargs: Any) ->
     known cross-version breakage. The result's ``diffulex_fixups`` lists the fixes applied (empty
     when none was needed). ``kwargs`` the caller passed always win over a fix's.
 
+    ``trust_remote_code`` is ``False`` unless passed as ``True``: code in the directory runs only
+    when the caller asks for it, and transformers never prompts. A name that is not a local
+    directory is looked up as a hub id in bounded time (see the module docstring).
+
     ``tokenizer_path`` may be passed by position or by keyword, as in Diffulex's
     ``diffulex.utils.auto_tokenizer_from_pretrained``.
     """
+    kwargs = dict(kwargs)
+    if kwargs.get("trust_remote_code") is None:
+        kwargs["trust_remote_code"] = False  # never None: None makes transformers prompt
     name = str(tokenizer_path)
     path = Path(tokenizer_path)
     if path.exists() and not path.is_dir():
         raise TokenizerLoadError(f"{path} is not a directory; pass the directory holding the tokenizer files")
     if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
         raise TokenizerLoadError(f"tokenizer directory {path} does not exist")
-    # anything else that does not exist locally is a hub id, left to transformers (no config to read)
-    config = _read_config(path) if path.is_dir() else {}
+    if not path.exists():
+        return _from_hub(name, path, kwargs)
+    return _load(path, _read_config(path), kwargs)
+
+
+def _from_hub(name: str, path: Path, kwargs: dict[str, Any]) -> Any:
+    """``name`` is not a local directory: load it as a hub id, failing in seconds when that cannot work."""
+    def fail(reading: str, cause: BaseException | None = None) -> TokenizerLoadError:
+        error = TokenizerLoadError(f"not a local directory: {path.absolute()}; as a hub id: {reading}")
+        error.__cause__ = cause
+        return error
+
+    if not _HUB_ID.fullmatch(name) or "--" in name or ".." in name or len(name) > 96:
+        raise fail(f"{name!r} is not a valid repository id")
+    cache_error: BaseException | None = None
+    cached = ""  # what the cache-only try found, when it ran
+    if kwargs.get("local_files_only") is not False:
+        try:
+            return _load(path, {}, {**kwargs, "local_files_only": True})
+        except Exception as error:  # not cached (or cached and broken): said below if the hub cannot help
+            cache_error = error
+        cached = (f"loading it from the local Hugging Face cache failed ({_summary(cache_error)})"
+                  if _in_hub_cache(name, kwargs) else "it is not in the local Hugging Face cache")
+        if kwargs.get("local_files_only"):
+            raise fail(f"{cached}, and local_files_only=True forbids the network", cache_error)
+        if _hub_offline():
+            raise fail(f"{cached}, and offline mode is on (HF_HUB_OFFLINE)", cache_error)
+    problem = _hub_problem(name, kwargs)
+    if problem is not None:
+        raise fail(f"{cached}, and {problem}" if cached else problem, cache_error)
+    return _load(path, {}, kwargs)
+
+
+def _in_hub_cache(repo_id: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the local cache holds any of the files a tokenizer is read from."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, file, cache_dir=kwargs.get("cache_dir"),
+                                                     revision=kwargs.get("revision")), str)
+                   for file in (TOKENIZER_CONFIG, "tokenizer.json", "config.json"))
+    except Exception:  # an id or cache layout it rejects: nothing usable there
+        return False
+
+
+def _summary(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub
+
+    check = getattr(huggingface_hub, "is_offline_mode", None)  # huggingface_hub 1.x
+    if check is not None and check():
+        return True
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in _TRUE_ENV
+
+
+def _hub_problem(repo_id: str, kwargs: dict[str, Any]) -> str | None:
+    """Why the hub cannot provide ``repo_id``, from one request of at most ``HUB_TIMEOUT_S`` seconds;
+    ``None`` when it has the repository (transformers then downloads it)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    endpoint = getattr(constants, "ENDPOINT", "the hub")
+    revision = kwargs.get("revision")
+    try:
+        HfApi().model_info(repo_id, revision=revision, token=kwargs.get("token"), timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return None  # it exists; transformers reports what access it needs
+    except RepositoryNotFoundError:
+        return f"{endpoint} has no repository {repo_id!r} (or it is private or gated: pass token=...)"
+    except RevisionNotFoundError:
+        return f"{endpoint} has no revision {revision!r} of {repo_id!r}"
+    except Exception as error:  # connection refused, name resolution, timeout, proxy, 5xx
+        return f"{endpoint} could not be reached within {HUB_TIMEOUT_S:g} s ({_summary(error)})"
+    return None
+
+
+def _load(path: Path, config: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """The first try and the fix retries; every try passes ``kwargs`` (``trust_remote_code`` included)."""
     fix_kwargs: dict[str, Any] = {}
     applied: list[str] = []
     first_error: BaseException | None = None

@@ -210,3 +210,55 @@ def test_one_module_behind_two_entry_points_and_a_name_clash_with_the_core(use_p
     assert stages["diffulex-core"] == ("validate", "entry-point name 'diffulex-core' is already used by "
                                                    "diffulex-core's built-in hooks")
     assert plugins.registry.get("twice") is dict and "toy" in plugins.registry.names()
+
+
+def test_get_plugins_is_safe_while_another_thread_resets(use_plugins):
+    """get_plugins() once read the global after releasing its lock: a reset in between made it
+    raise AttributeError ('NoneType' object has no attribute 'strict'). Forced thread switches
+    make that window wide; every call must still return one complete discovery outcome."""
+    import sys
+    import threading
+
+    module = use_plugins("healthy")
+    readers, calls, deadline = 8, 300, 5.0
+    errors: list[BaseException] = []
+    results: list[object] = []
+    stop = threading.Event()
+    start = threading.Barrier(readers + 1)
+
+    def read() -> None:
+        start.wait()
+        try:
+            for _ in range(calls):
+                plugins = module.get_plugins()
+                manager = module.get_plugin_manager()
+                results.append((plugins, manager))
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+
+    def reset() -> None:
+        start.wait()
+        while not stop.is_set():
+            module.reset_plugins()
+
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=read) for _ in range(readers)]
+        resetter = threading.Thread(target=reset)
+        for thread in [*threads, resetter]:
+            thread.start()
+        for thread in threads:
+            thread.join(deadline)
+        stop.set()
+        resetter.join(deadline)
+    finally:
+        sys.setswitchinterval(previous)
+    assert not any(t.is_alive() for t in [*threads, resetter]), "threads still running"
+    assert errors == []
+    assert len(results) == readers * calls
+    for plugins, manager in results:
+        assert isinstance(plugins, module.Plugins)
+        assert "toy" in plugins.registry.names()
+        assert loaded(plugins, "healthy").families == ("toy", "toy-ghost", "toy-lazy")
+        assert manager.has_plugin("healthy") and manager.has_plugin("diffulex-core")

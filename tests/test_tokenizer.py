@@ -41,16 +41,29 @@ def python4() -> str:
     return str(python)
 
 
-def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = None) -> dict:
-    """Run the tool; stdin is closed, so a "run the custom code?" prompt could never wait for input."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFULEX_", "PYTHONPATH"))}
-    env["PYTHONPATH"] = pythonpath
+def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = None, env: dict | None = None,
+         cwd: Path | None = None, timeout: float = 300) -> dict:
+    """Run the tool; stdin is closed, so a "run the custom code?" prompt could never wait for input.
+
+    ``env`` adds variables (a value of None removes one)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFULEX_", "PYTHONPATH"))}
+    base["PYTHONPATH"] = pythonpath
     if modules is not None:  # where transformers would copy remote code it imports
-        env["HF_MODULES_CACHE"] = str(modules)
-    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=300, env=env,
-                            stdin=subprocess.DEVNULL)
+        base["HF_MODULES_CACHE"] = str(modules)
+    for key, value in (env or {}).items():
+        if value is None:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=timeout, env=base,
+                            stdin=subprocess.DEVNULL, cwd=cwd)
     assert result.returncode == 0, result.stderr
-    return {**json.loads(result.stdout), "stderr": result.stderr} if result.stdout else {}
+    if not result.stdout:
+        return {}
+    # anything printed before the JSON (transformers' "run the custom code?" prompt goes to stdout)
+    # is reported with stderr
+    start = result.stdout.rfind('{"transformers"')
+    return {**json.loads(result.stdout[start:]), "stderr": result.stdout[:start] + result.stderr}
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +78,11 @@ def written(tmp_path_factory, python4) -> dict[str, Path]:
             tool(python, "save", str(directory), "--extra", extra)
             dirs[f"{major}-{extra}"] = directory
     return dirs
+
+
+def same_keys(*results: dict) -> None:  # drop what differs from run to run
+    for result in results:
+        result.pop("stderr"), result.pop("seconds")
 
 
 def comparable(result: dict) -> dict:  # what must agree across versions
@@ -161,7 +179,7 @@ def test_a_tokenizer_class_that_does_not_exist_surfaces_unchanged(written, pytho
     plain, ours = tool(python, "load", str(directory), "--plain"), tool(python, "load", str(directory))
     if major == "v4":
         assert plain["error"] == "ValueError" and "NoSuchTokenizerFast does not exist" in plain["message"]
-    ours.pop("stderr"), plain.pop("stderr")
+    same_keys(ours, plain)
     assert ours == plain  # same error and message (transformers 4), or the same tokenizer (5 falls back)
 
 
@@ -308,5 +326,171 @@ def test_an_auto_map_module_that_is_there_but_fails_surfaces_unchanged(written, 
     plain = tool(sys.executable, "load", str(directory), "--plain", "--trust-remote-code", modules=modules)
     ours = tool(sys.executable, "load", str(directory), "--trust-remote-code", modules=modules)
     assert plain["error"] == "ImportError" and "diffulex_no_such_package_xyz" in plain["message"]
-    ours.pop("stderr"), plain.pop("stderr")
+    same_keys(ours, plain)
     assert ours == plain
+
+
+# --------------------------------------------------------------------------- remote code: never prompted, never run
+
+
+def custom_code_dir(written, tmp_path, variant: str) -> tuple[Path, Path]:
+    """A tokenizer directory whose config names a custom class in a .py file beside it; importing
+    that file writes the returned marker. Plain AutoTokenizer asks "run the custom code? [y/N]":
+
+    - ``fast``: tokenizer_config.json's auto_map names a slow and a fast custom class;
+    - ``slow``: only a slow one (``[module.Class, None]``);
+    - ``config``: config.json's auto_map names a custom config (and tokenizer) class.
+    """
+    directory, marker = tmp_path / f"custom-{variant}", tmp_path / f"EXECUTED-{variant}"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
+    stamp = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n"
+    (directory / "tokenization_custom.py").write_text(
+        stamp + "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = {"eos_token": "</s>", "unk_token": "<unk>"}
+    tokenizer_map = ["tokenization_custom.CustomTokenizer",
+                     None if variant == "slow" else "tokenization_custom.CustomTokenizerFast"]
+    if variant == "config":
+        (directory / "configuration_custom.py").write_text(
+            stamp + "from transformers import PretrainedConfig\n\n\n"
+            "class CustomConfig(PretrainedConfig):\n    model_type = 'diffulex-custom'\n")
+        (directory / "config.json").write_text(json.dumps({"model_type": "diffulex-custom", "auto_map": {
+            "AutoConfig": "configuration_custom.CustomConfig", "AutoTokenizer": tokenizer_map}}))
+    else:
+        config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": tokenizer_map})
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory, marker
+
+
+PROMPT = "Do you wish to run the custom code?"
+
+
+@pytest.mark.parametrize("variant", ["fast", "slow", "config"])
+@pytest.mark.parametrize("major", ["v5", "v4"])
+def test_custom_code_is_never_prompted_for_nor_run_unless_the_caller_trusts_it(written, python4, tmp_path, major,
+                                                                                variant):
+    python = sys.executable if major == "v5" else python4
+    directory, marker = custom_code_dir(written, tmp_path, variant)
+    modules = tmp_path / "hf-modules"
+    # the real case: plain AutoTokenizer prompts (and, stdin being closed, gives up)
+    plain = tool(python, "load", str(directory), "--plain", modules=modules)
+    assert PROMPT in plain["stderr"]
+    assert not marker.exists()
+
+    ours = tool(python, "load", str(directory), modules=modules)
+    assert PROMPT not in ours["stderr"] and "[y/N]" not in ours["stderr"]
+    assert not marker.exists(), "the directory's Python code ran without trust_remote_code=True"
+    assert not modules.exists() or not any(modules.rglob("*custom*"))
+    assert ours["seconds"] < 10
+    if "error" in ours:  # transformers' own refusal, unchanged: it needs the code and may not run it
+        assert ours["error"] == "ValueError" and "trust_remote_code=True" in ours["message"], ours
+    else:  # transformers 5 ignores config.json's auto_map for tokenizers: a built-in class, no custom one
+        assert (major, variant) == ("v5", "config") and not ours["class"].startswith("Custom"), ours
+
+    trusted = tool(python, "load", str(directory), "--trust-remote-code", modules=modules)
+    assert "error" not in trusted, trusted
+    assert PROMPT not in trusted["stderr"]
+    assert marker.exists(), "trust_remote_code=True was not honoured"
+    if (major, variant) != ("v5", "config"):
+        assert trusted["class"] == ("CustomTokenizer" if variant == "slow" else "CustomTokenizerFast")
+    assert trusted["encodings"][0] == [7, 8]
+
+
+def test_every_call_to_transformers_gets_trust_remote_code(written, tmp_path, monkeypatch):
+    """Fix retries and the PreTrainedTokenizerFast fallback included: False unless the caller said True."""
+    import transformers
+
+    calls: list[tuple[str, object]] = []
+    real_auto = transformers.AutoTokenizer.from_pretrained.__func__
+    real_fast = transformers.PreTrainedTokenizerFast.from_pretrained.__func__
+    failures = {"n": 0}
+
+    inside = []  # calls transformers makes itself, inside AutoTokenizer, are not ours: not recorded
+
+    def auto(cls, path, *args, **kwargs):
+        calls.append(("AutoTokenizer", kwargs.get("trust_remote_code", "missing")))
+        if failures["n"]:
+            failures["n"] -= 1
+            raise AttributeError("'list' object has no attribute 'keys'")  # the list bug: the builtin fix applies
+        if "dangling" in str(path):
+            raise OSError("tokenization_foo.py does not exist")  # as with trust_remote_code=True
+        inside.append(1)
+        try:
+            return real_auto(cls, path, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def fast(cls, path, *args, **kwargs):
+        if not inside:
+            calls.append(("PreTrainedTokenizerFast", kwargs.get("trust_remote_code", "missing")))
+        return real_fast(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(auto))
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained", classmethod(fast))
+    failures["n"] = 1
+    tokenizer = auto_tokenizer_from_pretrained(written["v5-list"])
+    assert tokenizer.diffulex_fixups == ("builtin:extra_special_tokens list->dict (extra_special_tokens)",)
+    assert calls == [("AutoTokenizer", False), ("AutoTokenizer", False)]
+    for passed, expected in ((None, False), (False, False), (True, True)):
+        calls.clear()
+        (tmp_path / str(passed)).mkdir()
+        tokenizer = auto_tokenizer_from_pretrained(dangling_auto_map_dir(written, tmp_path / str(passed)),
+                                                   trust_remote_code=passed)
+        assert tokenizer.diffulex_fixups == ("plugin:diffulex-core (tokenizer_class)",)
+        assert calls == [("AutoTokenizer", expected), ("PreTrainedTokenizerFast", expected)]
+
+
+# --------------------------------------------------------------------------- hub ids: bounded look-up
+
+
+@pytest.mark.parametrize("major", ["v5", "v4"])
+@pytest.mark.parametrize("network", ["as-is", "refused", "offline"])
+def test_a_name_that_is_neither_a_directory_nor_a_hub_repository_fails_in_seconds(python4, tmp_path, major, network):
+    """Without this, transformers retries the hub for ~50 s on a machine without network."""
+    python = sys.executable if major == "v5" else python4
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": None, "HF_HUB_OFFLINE": None,
+           "TRANSFORMERS_OFFLINE": None, "HF_ENDPOINT": None}
+    if network == "refused":  # a hub nobody listens on, whatever network the machine has
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    elif network == "offline":
+        env["HF_HUB_OFFLINE"] = "1"
+    result = tool(python, "load", "no/such-model", env=env, cwd=tmp_path, timeout=60)
+    assert result["error"] == "TokenizerLoadError", result
+    message = result["message"]
+    assert message.startswith(f"not a local directory: {tmp_path / 'no' / 'such-model'}; as a hub id: "), message
+    assert "it is not in the local Hugging Face cache" in message
+    if network == "offline":
+        assert message.endswith("offline mode is on (HF_HUB_OFFLINE)")
+    elif network == "refused":
+        assert "http://127.0.0.1:9 could not be reached within 10 s" in message
+    else:  # no network here: unreachable; with one, the hub says it has no such repository
+        assert "could not be reached" in message or "has no repository 'no/such-model'" in message
+    assert result["seconds"] < 10
+
+
+def test_an_invalid_hub_id_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected = r"^not a local directory: .*/org/bad--id; as a hub id: 'org/bad--id' is not a valid"
+    with pytest.raises(TokenizerLoadError, match=expected):
+        auto_tokenizer_from_pretrained("org/bad--id")
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_the_network(written, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf-home" / "hub" / "models--acme--tiny-tok"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        (snapshot / file).write_bytes((written["v5-list"] / file).read_bytes())
+    (repo / ".no_exist" / commit).mkdir(parents=True)  # as the hub client records a file the repo lacks
+    (repo / ".no_exist" / commit / "config.json").write_text("")
+    env = {"HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": None, "HF_HUB_OFFLINE": None,
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # a hub nobody listens on: any request would fail
+    result = tool(sys.executable, "load", "acme/tiny-tok", env=env, cwd=tmp_path, timeout=60)
+    assert "error" not in result, result
+    assert result["encodings"][1] == [5, 9, 10, 11, 12, 6] and result["fixups"] == []
+    assert result["seconds"] < 10

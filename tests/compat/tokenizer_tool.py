@@ -7,7 +7,8 @@ environment with a transformers 4.5x release, so files written by one are loaded
     python tokenizer_tool.py load DIR [--plain] [--extra-json JSON] [--trust-remote-code]
 
 ``load`` prints one JSON object: the tokenizer's class, the fixes applied, encodings of SAMPLES,
-decoded round trips, and its special tokens; or the error's type and message.
+decoded round trips, and its special tokens; or the error's type and message; and the seconds
+the load took.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 VOCAB = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "<|mask|>": 4, "<|im_start|>": 5, "<|im_end|>": 6,
          "hello": 7, "world": 8, "diffusion": 9, "is": 10, "fun": 11, "!": 12}
@@ -93,9 +95,10 @@ def main() -> None:
     else:
         import transformers
 
-        json.dump({"transformers": transformers.__version__, **load(args.directory, args.plain, args.extra_json,
-                                                                  args.trust_remote_code)},
-                  sys.stdout)
+        start = time.monotonic()  # after the import: how long the load itself took
+        result = load(args.directory, args.plain, args.extra_json, args.trust_remote_code)
+        json.dump({"transformers": transformers.__version__, **result,
+                   "seconds": round(time.monotonic() - start, 2)}, sys.stdout)
 
 
 if __name__ == "__main__":
