@@ -58,7 +58,7 @@ import torch
 
 from .errors import CheckpointFormatError, CheckpointNotFoundError, LoadError
 
-__all__ = ["TensorRecord", "CheckpointFiles", "find_checkpoint_files", "read_header", "read_records", "DTYPES"]
+__all__ = ["TensorRecord", "CheckpointFiles", "find_checkpoint_files", "open_regular", "read_header", "read_records", "DTYPES"]
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the limit the safetensors format itself sets
 MAX_INDEX_BYTES = MAX_HEADER_BYTES  # an index lists names only; anything larger is not one
@@ -161,8 +161,8 @@ def _regular_file(path: Path, what: str) -> os.stat_result:
     return st
 
 
-def _read_regular(path: Path, what: str, limit: int, head_only: bool = False) -> tuple[int, bytes]:
-    """(size, bytes) of a regular file: ``limit`` bytes at most, or the first 64 if ``head_only``.
+def open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of a regular file (symlinks to one are fine), or a typed error.
 
     Checked with ``stat`` before the open and ``fstat`` after it, and opened non-blocking, so a
     file swapped for a FIFO in between is refused rather than waited on.
@@ -170,18 +170,38 @@ def _read_regular(path: Path, what: str, limit: int, head_only: bool = False) ->
     _regular_file(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise CheckpointFormatError(f"{what} {path} cannot be opened: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointFormatError(f"{what} {path} is {_kind(mode)}, not a regular file")
+    return fd
+
+
+def _read_fd(fd: int, path: Path, what: str, limit: int) -> tuple[int, bytes]:
+    """(file size, its first ``limit`` bytes at most) through an open descriptor."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointFormatError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return st.st_size, f.read(min(st.st_size, 64 if head_only else limit))
-    except LoadError:
-        raise
+        size = os.fstat(fd).st_size
+        want, chunks, at = min(size, limit), [], 0
+        while at < want:
+            chunk = os.pread(fd, want - at, at)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            at += len(chunk)
+        return size, b"".join(chunks)
     except OSError as exc:
         raise CheckpointFormatError(f"{what} {path} cannot be read: {exc.strerror}") from None
+
+
+def _read_regular(path: Path, what: str, limit: int) -> tuple[int, bytes]:
+    """(size, bytes) of a regular file: ``limit`` bytes at most."""
+    fd = open_regular(path, what)
+    try:
+        return _read_fd(fd, path, what, limit)
     finally:
         os.close(fd)
 
@@ -423,15 +443,25 @@ def _nbytes(file: Path, name: str, code: str, shape: tuple[int, ...]) -> int:
     return bits // 8
 
 
-def read_header(file: Path) -> tuple[int, dict]:
-    """(data start offset, header dict) of one safetensors file, valid by every rule above."""
-    data_start, header, _ = _validated(file)
+def read_header(file: Path, fd: int | None = None) -> tuple[int, dict]:
+    """(data start offset, header dict) of one safetensors file, valid by every rule above.
+
+    ``fd``, when given, is an open descriptor of ``file`` to read through (a load reads its
+    headers and its tensors through one descriptor, so both come from the same file).
+    """
+    data_start, header, _ = _validated(file, fd)
     return data_start, header
 
 
-def _validated(file: Path) -> tuple[int, dict, list[tuple[int, int, str, str, tuple[int, ...]]]]:
+def _validated(file: Path, fd: int | None) -> tuple[int, dict, list[tuple[int, int, str, str, tuple[int, ...]]]]:
     """Data start, header, and (begin, end, name, dtype code, shape) of every tensor, in file order."""
-    size, head = _read_regular(file, "file", 64, head_only=True)
+    if fd is None:
+        fd = open_regular(file, "file")
+        try:
+            return _validated(file, fd)
+        finally:
+            os.close(fd)
+    size, head = _read_fd(fd, file, "file", 64)
     if head.startswith(_LFS_PREFIX):
         raise CheckpointFormatError(
             f"{file.name} is a Git LFS pointer ({size} bytes), not safetensors data. "
@@ -446,7 +476,7 @@ def _validated(file: Path) -> tuple[int, dict, list[tuple[int, int, str, str, tu
         raise CheckpointFormatError(
             f"{file}: header length {length:,} runs past the end of the file ({size:,} bytes); the file is truncated or not safetensors"
         )
-    size, raw = _read_regular(file, "file", 8 + length)
+    size, raw = _read_fd(fd, file, "file", 8 + length)
     if len(raw) != 8 + length:
         raise CheckpointFormatError(f"{file} changed while its header was read")
     header = _parse_json(raw[8:], f"{file}: the header")
@@ -485,9 +515,9 @@ def _validated(file: Path) -> tuple[int, dict, list[tuple[int, int, str, str, tu
     return 8 + length, header, spans
 
 
-def read_records(file: Path) -> list[TensorRecord]:
-    """Every tensor of one file, checked against the file's size, in file order."""
-    data_start, _, spans = _validated(file)
+def read_records(file: Path, fd: int | None = None) -> list[TensorRecord]:
+    """Every tensor of one file, checked against the file's size, in file order (``fd``: see ``read_header``)."""
+    data_start, _, spans = _validated(file, fd)
     records = []
     for begin, end, name, code, shape in spans:
         dtype = DTYPES.get(code)

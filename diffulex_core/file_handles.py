@@ -5,23 +5,20 @@ would read whatever sits at that path by then: a shard replaced in between (``os
 the same tensors behind a longer header made a load report success with garbage in every
 tensor. ``OpenFiles`` opens each file once, before its header is read, and the apply step reads
 through those descriptors: a file replaced or deleted after planning is still read as planned.
-A file changed in place (truncated, rewritten) is caught by comparing its size and modification
-time before the first byte is written. Opening never blocks (``O_NONBLOCK``: a FIFO is refused,
-not waited on) and only regular files are accepted.
+Headers are read through the same descriptors. A file changed in place (truncated, rewritten)
+is caught by comparing its size and modification time before the first byte is written.
+Opening never blocks and only regular files are accepted (``checkpoint_files.open_regular``).
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
-from .errors import CheckpointFormatError, CheckpointNotFoundError
+from .checkpoint_files import open_regular
+from .errors import CheckpointFormatError
 
 __all__ = ["OpenFiles"]
-
-_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -36,19 +33,9 @@ class OpenFiles:
 
     def open(self, path: Path) -> int:
         fd = self.fds.get(path)
-        if fd is not None:
-            return fd
-        try:
-            fd = os.open(path, _FLAGS)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{path} does not exist (or is a dangling symlink)") from None
-        except OSError as exc:
-            raise CheckpointFormatError(f"{path} cannot be opened: {exc.strerror or exc}") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise CheckpointFormatError(f"{path} is not a regular file; a checkpoint file must be one")
-        self.fds[path], self._seen[path] = fd, _identity(st)
+        if fd is None:
+            fd = self.fds[path] = open_regular(path, "file")
+            self._seen[path] = _identity(os.fstat(fd))
         return fd
 
     def check_unchanged(self) -> None:

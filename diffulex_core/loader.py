@@ -23,8 +23,8 @@ from .applying import apply_plan, problem_message
 from .checkpoint import LoadContext, ResolvedWeight
 from .errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
 from .packed_mapping import PackedMapping, merge_mappings
-from .planning import (Destinations, LoadPlan, default_weight_loader, gc_paused, load_into, plan_checkpoint, plan_for_load,
-                       resolver_of)
+from .planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
+                       plan_checkpoint, plan_for_load, resolver_of)
 from .report import LoadReport
 from .ties import materialize
 
@@ -57,21 +57,13 @@ def resolve_weight_spec(model: nn.Module, weight_name: str, config: Any = None, 
     the seed. Names in the answer are made full; parameter objects are returned as they are.
     """
     modules = named_modules if named_modules is not None else dict(model.named_modules())
-    ctx = ctx or LoadContext(config=config, full_name=weight_name)
-    parts = weight_name.split(".")
-    for cut in range(len(parts), -1, -1):
-        prefix = ".".join(parts[:cut])
-        module = modules.get(prefix) if cut else model
-        resolve = resolver_of(module) if module is not None else None
-        if resolve is None:
-            continue
-        spec = resolve(".".join(parts[cut:]), ctx)
-        if spec is not None:
-            if not isinstance(spec, ResolvedWeight):
-                raise WeightSpecError(f"resolve_checkpoint_weight of module {prefix or '<root>'!r} returned "
-                                      f"{type(spec).__name__} for {weight_name!r}; expected ResolvedWeight or None")
-            return spec.rebased(prefix)
-    return None
+
+    def resolver_at(prefix: str):
+        module = modules.get(prefix) if prefix else model
+        return resolver_of(module) if module is not None else None
+
+    found = ask_module_resolvers(resolver_at, weight_name, ctx or LoadContext(config=config, full_name=weight_name))
+    return found[0] if found else None
 
 
 def _named_tensor(model: nn.Module | None, kind: str, name: str) -> torch.Tensor:

@@ -19,7 +19,6 @@ import contextlib
 import fnmatch
 import gc
 import inspect
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from .ties import storage_key, tie_keys
 from .write_watch import MetaOnly
 
 __all__ = ["LoadPlan", "Destinations", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
-           "whole_tensor_loader", "load_into", "resolver_of"]
+           "whole_tensor_loader", "load_into", "resolver_of", "ask_module_resolvers"]
 
 WRITTEN_KINDS = ("param", "buffer", "loader")
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES.values()}
@@ -135,6 +134,35 @@ def _precedence_note(spec: ResolvedWeight, winner: str) -> str | None:
     if spec.shard_id is not None and winner != "param":
         ignored.append("shard_id")
     return f"{winner} wins over {', '.join(ignored)} (the seed's precedence)" if ignored else None
+
+
+def ask_module_resolvers(resolver_at: Callable[[str], Callable | None], name: str,
+                         ctx: LoadContext) -> tuple[ResolvedWeight, str] | None:
+    """(answer with names made full, prefix) of the first module resolver that answers for ``name``.
+
+    ``resolver_at(prefix)`` gives the resolver of the module at ``prefix`` (``""``: the root), or
+    None. Prefixes are asked most specific first, the tensor's own full name included.
+    """
+    parts = name.split(".")
+    for cut in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:cut])
+        resolve = resolver_at(prefix)
+        if resolve is None:
+            continue
+        where = prefix or "<root>"
+        try:
+            spec = resolve(".".join(parts[cut:]), ctx)
+        except DiffulexError:
+            raise
+        except Exception as exc:
+            raise LoadError(f"{RESOLVER} of module {where!r} raised {type(exc).__name__} "
+                            f"for tensor {name!r}: {exc}") from exc
+        if spec is not None:
+            if not isinstance(spec, ResolvedWeight):
+                raise WeightSpecError(f"{RESOLVER} of module {where!r} returned {type(spec).__name__} "
+                                      f"for {name!r}; expected ResolvedWeight or None")
+            return spec.rebased(prefix), prefix
+    return None
 
 
 class Destinations:
@@ -235,29 +263,12 @@ class Destinations:
 
     def module_resolver(self, name: str, ctx: LoadContext) -> tuple[Target, str] | None:
         """Ask module resolvers, most specific prefix first (the tensor's own name included), then the root."""
-        if not self.resolvers:
+        found = ask_module_resolvers(self.resolvers.get, name, ctx) if self.resolvers else None
+        if found is None:
             return None
-        parts = name.split(".")
-        for cut in range(len(parts), -1, -1):
-            prefix = ".".join(parts[:cut])
-            resolve = self.resolvers.get(prefix)
-            if resolve is None:
-                continue
-            where = prefix or "<root>"
-            try:
-                spec = resolve(".".join(parts[cut:]), ctx)
-            except DiffulexError:
-                raise
-            except Exception as exc:
-                raise LoadError(f"{RESOLVER} of module {where!r} raised {type(exc).__name__} "
-                                f"for tensor {name!r}: {exc}") from exc
-            if spec is not None:
-                if not isinstance(spec, ResolvedWeight):
-                    raise WeightSpecError(f"{RESOLVER} of module {where!r} returned {type(spec).__name__} "
-                                          f"for {name!r}; expected ResolvedWeight or None")
-                rule = f"module:{where}"
-                return self.target(spec.rebased(prefix), name, rule), rule
-        return None
+        spec, prefix = found
+        rule = f"module:{prefix or '<root>'}"
+        return self.target(spec, name, rule), rule
 
     def packed(self, mapping: PackedMapping, name: str) -> tuple[Target | None, str, str | None]:
         """The packed mapping's destination for ``name``: in place, else from the model's root."""
@@ -514,18 +525,14 @@ class _Planner:
 def _records(files: CheckpointFiles, open_files: OpenFiles) -> list[TensorRecord]:
     """All tensors of all files, with duplicates and index disagreements refused.
 
-    Each file is opened before its header is read, and must still be the same file afterwards,
-    so the descriptor the apply step reads through holds exactly the bytes the header described.
+    Each header is read through the descriptor the apply step will read tensors through, so
+    both come from the same file whatever happens to its name meanwhile.
     """
     records: list[TensorRecord] = []
     seen: dict[str, TensorRecord] = {}
     for file in files.files:
         relative = file.relative_to(files.root).as_posix()
-        fd = open_files.open(file)
-        file_records = read_records(file)
-        if not os.path.samestat(os.fstat(fd), os.stat(file)):
-            raise CheckpointFormatError(f"{file} was replaced while its header was read; nothing was loaded")
-        for record in file_records:
+        for record in read_records(file, open_files.open(file)):
             if record.name in seen:
                 raise CheckpointFormatError(
                     f"tensor {record.name!r} is in both {seen[record.name].file.name} and {file.name}; remove one copy"
