@@ -11,7 +11,9 @@
    with ``undo="none"`` (the seed's door) a fatal problem is a ``LoadApplyError`` that names
    what was written.
 2. **Everything else**, all checked by the plan: plain copies straight from the file into the
-   parameters' memory (``reader``), then the rest through transforms and ``weight_loader``s.
+   parameters' memory (``reader``), then the rest through transforms and ``weight_loader``s;
+   a ``weight_loader`` that takes a ``CheckpointSlice`` reads only the part it keeps (a
+   tensor-parallel rank's rows or columns).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Mapping
 import torch
 
 from .errors import LoadApplyError, LoadPlanError
-from .planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into
+from .checkpoint_slice import ByteMeter, CheckpointSlice
+from .planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into, takes_slice
 from .reader import DirectRead, read_direct, read_exact
 from .report import LoadReport, TensorPlacement
 from .write_watch import ModelMemory, WriteWatcher
@@ -133,8 +136,9 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
     bar = tqdm(total=report.bytes_total, unit="B", unit_scale=True, unit_divisor=1024, desc="loading", disable=not show)
     started = time.perf_counter()
 
-    def advance(nbytes: int) -> None:
-        report.bytes_read += nbytes
+    def advance(nbytes: int, read: int | None = None) -> None:
+        """``nbytes`` of planned tensors done, ``read`` of them actually read (default: all)."""
+        report.bytes_read += nbytes if read is None else read
         bar.update(nbytes)
 
     fds = plan.open_files.fds
@@ -154,8 +158,14 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                 else:
                     coded.append((item, dest))
             read_direct(direct, fds, threads=threads, on_progress=advance)
+            meter = ByteMeter()
             for item, dest in coded:
-                tensor = _read_tensor(item, fds)
+                read_before = meter.bytes
+                if item.target.transform is None and takes_slice(dest, item.target.shard_id):
+                    tensor = CheckpointSlice(item.record, fds[item.record.file], meter)  # reads only what it keeps
+                else:
+                    tensor = _read_tensor(item, fds)
+                    meter.bytes += item.record.nbytes
                 try:
                     _run_code(item, dest, tensor)
                 except Exception as exc:
@@ -163,7 +173,7 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                         f"writing tensor {item.record.name!r} ({item.placement.rule}) raised {type(exc).__name__}: "
                         f"{exc}; tensors before it in file order were already written"
                     ) from exc
-                advance(item.record.nbytes)
+                advance(item.record.nbytes, meter.bytes - read_before)
     finally:
         bar.close()
         report.apply_seconds = time.perf_counter() - started

@@ -16,7 +16,9 @@ class LoadContext:
 
     ``full_name`` is the tensor's name in the checkpoint; ``config`` the engine configuration
     passed to the loader (any object, or ``None``). ``LoadContext(config, full_name)`` is the
-    seed's form; the other fields are ours and optional.
+    seed's form; the other fields are ours and optional. ``tp_rank/tp_size`` and
+    ``ep_rank/ep_size`` are this process's place in its tensor- and expert-parallel groups
+    (``diffulex_core.parallel``).
     """
 
     config: Any = None
@@ -25,6 +27,8 @@ class LoadContext:
     tp_rank: int = 0
     tp_size: int = 1
     checkpoint: str | None = None
+    ep_rank: int = 0
+    ep_size: int = 1
 
 
 @dataclass(frozen=True)

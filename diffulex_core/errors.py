@@ -83,3 +83,20 @@ class TokenizerLoadError(DiffulexError):
     """A tokenizer could not be built, for a reason we can name (missing directory, bad JSON,
     a fixup that asked for something it may not). Errors from transformers itself propagate
     unchanged."""
+
+
+class ParallelConfigError(DiffulexError, ValueError):
+    """The tensor- or expert-parallel setup does not fit the model (a group size that does not
+    divide the heads, a process outside its group, a group given without torch.distributed)."""
+
+
+class ParallelLoadError(LoadError):
+    """A load failed on one or more ranks of a parallel group; every rank raises it, naming the
+    ranks and their errors, so no rank goes on alone (or waits forever for the others).
+
+    ``failures`` maps each failed rank (global rank) to its error, as ``"Type: message"``.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = dict(failures)

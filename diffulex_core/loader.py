@@ -23,6 +23,7 @@ from .applying import apply_plan, problem_message
 from .checkpoint import LoadContext, ResolvedWeight
 from .errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
 from .packed_mapping import PackedMapping, merge_mappings
+from .parallel import ParallelState, agree, current_parallel_state
 from .planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
                        plan_checkpoint, plan_for_load, resolver_of)
 from .report import LoadReport
@@ -139,23 +140,61 @@ def try_load_via_packed_mapping(model: nn.Module, packed_modules_mapping: Mappin
 
 def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any, strict: bool,
           device: str | torch.device | None, progress: bool | None, threads: int | None,
-          fatal: tuple[str, ...], rollback: bool) -> LoadReport:
-    """Plan (files kept open), then apply; a meta model goes back to meta on failure."""
+          fatal: tuple[str, ...], rollback: bool, parallel: ParallelState | None) -> LoadReport:
+    """Plan (files kept open), agree across ranks, apply, agree again; a meta model goes back to meta on failure.
+
+    In a parallel group every rank reaches both agreement points whatever happened to it, so a
+    failure on one rank is a ``ParallelLoadError`` on all of them, before anything is written
+    where it failed in planning.
+    """
+    state = parallel or current_parallel_state()
     with gc_paused():
-        plan = plan_for_load(model, path, family=family, config=config, strict=strict)
+        plan, error = None, None
+        try:
+            plan = plan_for_load(model, path, family=family, config=config, strict=strict, parallel=state)
+            _check_ready(plan, fatal)
+        except Exception as exc:
+            if not state.distributed:
+                if plan is not None:
+                    plan.open_files.close()
+                raise
+            error = exc
+        try:
+            agree(state, f"planning the load of {path}", error)
+        except BaseException:
+            if plan is not None:
+                plan.open_files.close()
+            raise
         with plan.open_files:
-            return _apply(model, plan, device=device, progress=progress, threads=threads, fatal=fatal,
-                          rollback=rollback)
+            try:
+                report, materialized = _apply(model, plan, device=device, progress=progress, threads=threads,
+                                              fatal=fatal, rollback=rollback)
+            except Exception as exc:
+                if not state.distributed:
+                    raise
+                agree(state, f"loading {path}", exc)
+                raise  # not reached: agree raises for a failed rank
+            try:
+                agree(state, f"loading {path}", None)
+            except BaseException:
+                if materialized:  # the shards of the other ranks never loaded: this one goes back too
+                    materialize(model, "meta")
+                raise
+            return report
+
+
+def _check_ready(plan: LoadPlan, fatal: tuple[str, ...]) -> None:
+    """Refuse a fatal plan, or a file changed since planning, before anything is written."""
+    blocking = plan.report.problems_of(*fatal)
+    if blocking:
+        raise LoadPlanError(problem_message(plan.report, blocking), plan.report)
+    plan.open_files.check_unchanged()
 
 
 def _apply(model: nn.Module, plan: LoadPlan, *, device: str | torch.device | None, progress: bool | None,
-           threads: int | None, fatal: tuple[str, ...], rollback: bool) -> LoadReport:
-    """Refuse a fatal plan or a file changed since planning, materialize a meta model, apply."""
+           threads: int | None, fatal: tuple[str, ...], rollback: bool) -> tuple[LoadReport, bool]:
+    """Materialize a meta model, apply; (report, whether this load materialized the model)."""
     report, dests = plan.report, plan.dests
-    blocking = report.problems_of(*fatal)
-    if blocking:
-        raise LoadPlanError(problem_message(report, blocking), report)
-    plan.open_files.check_unchanged()
     tensors = [*dests.params.values(), *dests.buffers.values()]
     materialized = any(t.is_meta for t in tensors)
     if materialized:
@@ -175,13 +214,13 @@ def _apply(model: nn.Module, plan: LoadPlan, *, device: str | torch.device | Non
         if materialized:
             materialize(model, "meta")
         raise
-    return report
+    return report, materialized
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = None, config: Any = None,
                     strict: bool = True, device: str | torch.device | None = None,
                     progress: bool | None = None, threads: int | None = None,
-                    rollback: bool = True) -> LoadReport:
+                    rollback: bool = True, parallel: ParallelState | None = None) -> LoadReport:
     """Load a safetensors checkpoint into ``model`` and return a ``LoadReport``.
 
     ``strict=True`` raises ``LoadPlanError`` when the load finds any problem, and the model is
@@ -193,9 +232,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = 
     A model on the meta device is materialized on ``device`` after a successful plan (ties kept).
     ``progress=None`` shows a progress bar only on a terminal and for large loads; ``threads``
     caps the reading threads (default: one per core).
+
+    Under tensor or expert parallelism (``parallel``, default ``current_parallel_state()``: the
+    default ``torch.distributed`` group when one is initialised) resolvers see this rank in
+    ``LoadContext``, weight loaders that take a ``CheckpointSlice`` read only their rank's part,
+    and every rank of the group must call this together: a failure on any rank raises
+    ``ParallelLoadError`` on all of them.
     """
     report = _load(model, path, family=family, config=config, strict=strict, device=device, progress=progress,
-                   threads=threads, fatal=ALL_PROBLEMS if strict else (), rollback=rollback)
+                   threads=threads, fatal=ALL_PROBLEMS if strict else (), rollback=rollback, parallel=parallel)
     if report.problems:
         log.warning("%s", problem_message(report, outcome="loaded the rest (strict=False)"))
     return report
@@ -220,7 +265,7 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
             f"available in this version of diffulex-core; nothing was loaded"
         )
     report = _load(model, config.model, family=getattr(config, "model_name", None), config=config, strict=False,
-                   device=None, progress=None, threads=None, fatal=("rejected",), rollback=False)
+                   device=None, progress=None, threads=None, fatal=("rejected",), rollback=False, parallel=None)
     model.diffulex_load_report = report
     if report.problems:
         warnings.warn(problem_message(report, outcome="loaded the rest, as Diffulex's loader would "

@@ -29,16 +29,18 @@ from torch import nn
 
 from .checkpoint import LoadContext, ResolvedWeight
 from .checkpoint_files import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
+from .checkpoint_slice import CheckpointSlice, accepts_checkpoint_slice
 from .errors import CheckpointFormatError, DiffulexError, LoadError, WeightSpecError
 from .file_handles import OpenFiles
 from .packed_mapping import MappedName, PackedMapping, merge_mappings
+from .parallel import ParallelState, current_parallel_state
 from .plugins import call_impl, collect_results, impls_in_call_order
 from .report import LoadReport, TensorPlacement
 from .ties import storage_key, tie_keys
 from .write_watch import MetaOnly
 
 __all__ = ["LoadPlan", "Destinations", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
-           "whole_tensor_loader", "load_into", "resolver_of", "ask_module_resolvers"]
+           "whole_tensor_loader", "load_into", "resolver_of", "ask_module_resolvers", "takes_slice"]
 
 WRITTEN_KINDS = ("param", "buffer", "loader")
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES.values()}
@@ -86,6 +88,12 @@ def load_into(dest: torch.Tensor, storage: torch.Tensor, tensor: torch.Tensor, s
         weight_loader(storage, tensor)
     else:
         default_weight_loader(storage, tensor)
+
+
+def takes_slice(dest: torch.Tensor, shard_id: Any) -> bool:
+    """Whether the loader that will write ``dest`` takes a ``CheckpointSlice`` (reads only its part)."""
+    loader = getattr(dest, "weight_loader", None) if shard_id is not None else whole_tensor_loader(dest)
+    return loader is not None and accepts_checkpoint_slice(loader)
 
 
 def castable(src: torch.dtype, dst: torch.dtype, kind: str) -> bool:
@@ -342,7 +350,8 @@ def _plugin_manager():
 
 
 class _Planner:
-    def __init__(self, model: nn.Module, path: Path, family: str | None, config: Any, strict: bool) -> None:
+    def __init__(self, model: nn.Module, path: Path, family: str | None, config: Any, strict: bool,
+                 parallel: ParallelState) -> None:
         self.model, self.strict = model, strict
         self.dests = Destinations(model)
         hook = _plugin_manager().hook
@@ -359,9 +368,9 @@ class _Planner:
         for plugin, names in collect_results(hook.diffulex_ignored_checkpoint_keys, {"model": model}, error=LoadError):
             self.ignored += [(p, f"plugin {plugin!r}") for p in names]
         self._guard: Callable | None = None
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-        self.ctx_fields = dict(config=config, family=family, tp_rank=rank, tp_size=size, checkpoint=str(path))
+        self.parallel = parallel
+        self.ctx_fields = dict(config=config, family=family, tp_rank=parallel.tp_rank, tp_size=parallel.tp_size,
+                               ep_rank=parallel.ep_rank, ep_size=parallel.ep_size, checkpoint=str(path))
 
     def guard(self):
         """Dry runs must not write a materialized model's memory (a weight_loader that writes
@@ -431,9 +440,11 @@ class _Planner:
             return None, tensor is None and dtype == dest.dtype, None
         twin = nn.Parameter(torch.empty_like(dest, device="meta"), requires_grad=False)
         try:
+            if tensor is None:  # a dry-run view where the loader takes one, so its slicing is checked too
+                tensor = (CheckpointSlice(record, None) if takes_slice(dest, target.shard_id)
+                          else torch.empty(shape, dtype=dtype, device="meta"))
             with self.guard():
-                load_into(dest, twin, tensor if tensor is not None else torch.empty(shape, dtype=dtype, device="meta"),
-                          target.shard_id)
+                load_into(dest, twin, tensor, target.shard_id)
         except Exception as exc:
             return None, False, f"its weight_loader cannot run on meta tensors ({type(exc).__name__}: {exc})"
         return None, False, None
@@ -442,7 +453,7 @@ class _Planner:
         started = time.perf_counter()
         files = find_checkpoint_files(path)
         report = LoadReport(checkpoint=str(path), files=[str(f) for f in files.files], strict=self.strict,
-                            notes=list(files.notes))
+                            notes=list(files.notes), parallel=self.parallel.to_dict())
         items: list[Planned] = []
         written: set = set()
         whole_writers: dict = {}  # destination memory -> the tensor that writes all of it
@@ -554,20 +565,25 @@ def _records(files: CheckpointFiles, open_files: OpenFiles) -> list[TensorRecord
     return records
 
 
-def plan_for_load(model: nn.Module, path: str | Path, *, family: str | None, config: Any, strict: bool) -> LoadPlan:
+def plan_for_load(model: nn.Module, path: str | Path, *, family: str | None, config: Any, strict: bool,
+                  parallel: ParallelState) -> LoadPlan:
     """The plan of a load, its files left open for the apply step (the caller closes ``open_files``)."""
     open_files = OpenFiles()
     try:
-        return _Planner(model, Path(path), family, config, strict).plan(Path(path), open_files)
+        return _Planner(model, Path(path), family, config, strict, parallel).plan(Path(path), open_files)
     except BaseException:
         open_files.close()
         raise
 
 
 def plan_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = None, config: Any = None,
-                    strict: bool = True) -> LoadPlan:
-    """Plan a load from headers alone: no tensor bytes are read and nothing is written."""
+                    strict: bool = True, parallel: ParallelState | None = None) -> LoadPlan:
+    """Plan a load from headers alone: no tensor bytes are read and nothing is written.
+
+    ``parallel`` is this process's place in its parallel groups (default: ``current_parallel_state()``).
+    """
     with gc_paused():
-        plan = plan_for_load(model, path, family=family, config=config, strict=strict)
+        plan = plan_for_load(model, path, family=family, config=config, strict=strict,
+                             parallel=parallel or current_parallel_state())
     plan.open_files.close()
     return plan

@@ -60,6 +60,7 @@ class LoadReport:
     bytes_read: int = 0
     plan_seconds: float = 0.0
     apply_seconds: float = 0.0
+    parallel: dict[str, int] = field(default_factory=lambda: {"tp_rank": 0, "tp_size": 1, "ep_rank": 0, "ep_size": 1})
 
     def add_problem(self, kind: str, text: str) -> None:
         self.problems.append(text)
@@ -92,10 +93,13 @@ class LoadReport:
         loaded = sum(self.loaded_by_source.values())
         by_source = ", ".join(f"{k}: {v}" for k, v in sorted(self.loaded_by_source.items()))
         verb = "loaded" if self.applied else "planned"
+        p = self.parallel
+        rank = (f"tp rank {p['tp_rank']}/{p['tp_size']}, ep rank {p['ep_rank']}/{p['ep_size']}: "
+                if p["tp_size"] > 1 or p["ep_size"] > 1 else "")
         return (
-            f"{loaded} tensors {verb} ({by_source or 'none'}), {len(self.skipped)} skipped, "
+            f"{rank}{loaded} tensors {verb} ({by_source or 'none'}), {len(self.skipped)} skipped, "
             f"{len(self.unexpected)} unexpected, {len(self.missing)} missing, {len(self.problems)} problem(s); "
-            f"{self.bytes_read / GIB:.3f} GiB read, plan {self.plan_seconds:.3f} s, "
+            f"{self.bytes_read / GIB:.3f} of {self.bytes_total / GIB:.3f} GiB read, plan {self.plan_seconds:.3f} s, "
             f"apply {self.apply_seconds:.3f} s ({self.gib_per_s:.2f} GiB/s)"
         )
 
@@ -106,6 +110,6 @@ class LoadReport:
             "unexpected": self.unexpected, "missing": self.missing, "problems": self.problems, "problem_kinds": self.problem_kinds,
             "written_by_loaders": self.written_by_loaders, "notes": self.notes,
             "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
-            "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s,
+            "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s, "parallel": dict(self.parallel),
             "tensors": [p.to_dict() for p in self.placements],
         }

@@ -1,4 +1,5 @@
-"""Test helpers for family plugins: a reference of the core loader's checkpoint-name rewrite."""
+"""Test helpers for family plugins: a reference of the core loader's checkpoint-name rewrite, and
+a tiny mixture-of-experts LM for expert-parallel loading tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["check_gated_mlp", "check_round_trip", "load_hf", "seeded", "to_param_name"]
+__all__ = ["TinyMoeLM", "check_gated_mlp", "check_round_trip", "load_hf", "moe_checkpoint_tensors", "seeded",
+           "to_param_name"]
 
 
 def to_param_name(hf_name: str, mapping: Mapping[str, tuple]) -> tuple[str, Any]:
@@ -72,3 +74,58 @@ def check_round_trip(source: nn.Module, target: nn.Module, state_dict: Mapping[s
         assert torch.equal(a, b), name
     ids = torch.randint(0, 100, (2, 5))
     torch.testing.assert_close(target(ids), source(ids), rtol=0, atol=0)
+
+
+class _MoeLayer(nn.Module):
+    def __init__(self, c: Mapping[str, Any]) -> None:
+        from diffulex_layers.moe import SparseMoeBlock
+        from diffulex_layers.transformer import RMSNorm
+
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(c["hidden"], eps=1e-6)
+        self.mlp = SparseMoeBlock(c["hidden"], c["experts"], c["top_k"], c["inter"], norm_topk_prob=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyMoeLM(nn.Module):
+    """Embedding, ``layers`` residual sparse-MoE blocks (no attention), norm, LM head: Qwen3-MoE
+    names for the expert and router tensors, built as this process's tensor/expert-parallel shard.
+    Config keys: ``vocab``, ``hidden``, ``layers``, ``experts``, ``top_k``, ``inter``."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        from diffulex_layers.parallel import ParallelLMHead, VocabParallelEmbedding
+        from diffulex_layers.transformer import RMSNorm
+
+        super().__init__()
+        c = dict(config)
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabParallelEmbedding(c["vocab"], c["hidden"])
+        self.model.layers = nn.ModuleList(_MoeLayer(c) for _ in range(c["layers"]))
+        self.model.norm = RMSNorm(c["hidden"], eps=1e-6)
+        self.lm_head = ParallelLMHead(c["vocab"], c["hidden"])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x)
+        return self.lm_head(self.model.norm(x))
+
+
+def moe_checkpoint_tensors(model: TinyMoeLM) -> dict[str, torch.Tensor]:
+    """A single-process ``TinyMoeLM``'s weights under per-expert checkpoint names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "gate_up_proj" and prefix.endswith(".experts"):
+            for e, stacked in enumerate(tensor):
+                gate, up = stacked.chunk(2)
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.clone().contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.clone().contiguous()
+        elif leaf == "down_proj" and prefix.endswith(".experts"):
+            for e, down in enumerate(tensor):
+                out[f"{prefix}.{e}.down_proj.weight"] = down.clone().contiguous()
+        else:
+            out[name] = tensor.detach().clone().contiguous()
+    return out

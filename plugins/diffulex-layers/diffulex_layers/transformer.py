@@ -6,6 +6,12 @@ loader writes into; a family maps its checkpoint names onto them with ``packed_m
 (checkpoint segment(s) -> (parameter segment(s), shard id)). A shard id (``"q"``/``"k"``/``"v"``,
 ``0``/``1``) says which rows of a packed parameter a checkpoint tensor fills, through that
 parameter's ``weight_loader(param, loaded_weight, shard_id)``.
+
+The projections, embedding and LM head are the tensor-parallel layers of
+``diffulex_layers.parallel``: a model built under ``diffulex_core.parallel.use_parallel_state``
+(or with ``torch.distributed`` initialised) holds only its rank's heads, MLP columns and
+vocabulary rows, and its ``weight_loader``s take their part of each full checkpoint tensor.
+With a single process it is the plain model.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffulex_core.parallel import current_parallel_state, divide
+
+from .parallel import (MergedColumnParallelLinear, PackedLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
+                       VocabParallelEmbedding)
 
 __all__ = [
     "MLP",
@@ -62,45 +73,6 @@ def config_value(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-class PackedLinear(nn.Linear):
-    """A Linear whose output rows stack several checkpoint tensors (``shard_slices``)."""
-
-    def __init__(self, in_features: int, shard_sizes: dict, bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
-        self.shard_slices: dict = {}
-        start = 0
-        for shard_id, size in shard_sizes.items():
-            self.shard_slices[shard_id] = (start, size)
-            start += size
-        self._attach_loaders()
-
-    def _attach_loaders(self) -> None:
-        for param in self.parameters(recurse=False):
-            param.weight_loader = self.weight_loader
-
-    def _apply(self, fn, *args, **kwargs):
-        # to_empty() off the meta device makes new Parameter objects: re-attach the loaders.
-        result = super()._apply(fn, *args, **kwargs)
-        self._attach_loaders()
-        return result
-
-    def __setstate__(self, state: dict) -> None:  # deepcopy / unpickle drop Parameter attributes
-        super().__setstate__(state)
-        self._attach_loaders()
-
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any) -> None:
-        if shard_id not in self.shard_slices:
-            raise ValueError(f"unknown shard id {shard_id!r}; expected one of {list(self.shard_slices)}")
-        start, size = self.shard_slices[shard_id]
-        target = param.data.narrow(0, start, size)
-        if target.shape != loaded_weight.shape:
-            raise ValueError(
-                f"shard {shard_id!r}: slice has shape {tuple(target.shape)} "
-                f"but loaded weight has shape {tuple(loaded_weight.shape)}"
-            )
-        target.copy_(loaded_weight)
-
-
 class RotaryEmbedding(nn.Module):
     """cos/sin cache (non-persistent); rebuilt when moved (e.g. meta -> to_empty) or too short."""
 
@@ -143,12 +115,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """GQA attention over this rank's heads (``n_heads``/``n_kv_heads`` are local)."""
+
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = c.heads, c.kv_heads, c.head_dim
-        sizes = {"q": c.heads * c.head_dim, "k": c.kv_heads * c.head_dim, "v": c.kv_heads * c.head_dim}
-        self.qkv_proj = PackedLinear(c.hidden, sizes, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.heads * c.head_dim, c.hidden, bias=c.o_bias)
+        self.qkv_proj = QKVParallelLinear(c.hidden, c.head_dim, c.heads, c.kv_heads, bias=c.qkv_bias)
+        self.o_proj = RowParallelLinear(c.heads * c.head_dim, c.hidden, bias=c.o_bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, c.head_dim
         if c.qk_norm:  # per-head norm before rotary
             self.q_norm = RMSNorm(c.head_dim, eps=c.eps)
             self.k_norm = RMSNorm(c.head_dim, eps=c.eps)
@@ -172,8 +145,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
-        self.gate_up_proj = PackedLinear(c.hidden, {0: c.inter, 1: c.inter}, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.inter, c.hidden, bias=c.mlp_bias)
+        divide(c.inter, current_parallel_state().tp_size, "intermediate size (MLP)")
+        self.gate_up_proj = MergedColumnParallelLinear(c.hidden, [c.inter, c.inter], bias=c.mlp_bias)
+        self.down_proj = RowParallelLinear(c.inter, c.hidden, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -196,7 +170,7 @@ class DecoderLayer(nn.Module):
 class TransformerModel(nn.Module):
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab, c.hidden)
+        self.embed_tokens = VocabParallelEmbedding(c.vocab, c.hidden)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, eps=c.eps)
 
@@ -224,7 +198,7 @@ class DiffusionLM(nn.Module):
         self.config_dict = dict(config or {})
         c = self.resolve_config(self.config_dict)
         self.model = TransformerModel(c)
-        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+        self.lm_head = ParallelLMHead(c.vocab, c.hidden)
         self.tie_word_embeddings = c.tie
         if c.tie:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -261,7 +235,9 @@ def hf_name(name: str, shard_id: Any, mapping: Mapping[str, tuple]) -> str:
 
 
 def hf_state_dict(model: DiffusionLM) -> dict[str, torch.Tensor]:
-    """The model's weights under checkpoint names (packed tensors split, a tied lm_head left out)."""
+    """The model's weights under checkpoint names (packed tensors split, a tied lm_head left out).
+
+    Meant for single-process models: with ``tp_size > 1`` the tensors are this rank's parts."""
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():

@@ -1,0 +1,68 @@
+"""One rank of a multi-process load test: ``python parallel_worker.py SCENARIO RANK WORLD PORT DIR``.
+
+Launched by ``tests/test_parallel_load.py`` the way ``torchrun`` launches an engine: separate
+processes joined by a gloo process group over TCP. Each rank writes ``DIR/rank{R}.json`` (its
+load report, or the error it raised) and ``DIR/rank{R}.safetensors`` (its parameters and, on
+rank 0, the logits); the test compares them with a single-process load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from diffulex_core.loader import load_checkpoint
+
+TIMEOUT = timedelta(seconds=60)  # a collective that waits longer than this fails instead of hanging
+
+
+def build(scenario: dict) -> torch.nn.Module:
+    """The scenario's model, built on the meta device as this rank's shard."""
+    with torch.device("meta"):
+        if scenario["kind"] == "moe":
+            from diffulex_layers.testing import TinyMoeLM
+
+            return TinyMoeLM(scenario["config"])
+        from diffulex_llada.model import build_llada
+
+        return build_llada(scenario["config"])
+
+
+def run(scenario: dict, out: Path, rank: int) -> dict:
+    model = build(scenario)
+    checkpoint = scenario["checkpoints"][rank] if "checkpoints" in scenario else scenario["checkpoint"]
+    report = load_checkpoint(model, checkpoint, device="cpu")
+    tensors = {f"param.{name}": t.detach().clone() for name, t in model.state_dict().items()}
+    ids = torch.tensor(scenario["input_ids"])
+    with torch.no_grad():
+        logits = model(ids)
+    if rank == 0:
+        tensors["logits"] = logits.contiguous()
+    save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    return {"ok": True, "report": report.to_dict()}
+
+
+def main() -> None:
+    scenario_file, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+    scenario = json.loads(Path(scenario_file).read_text())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        result = run(scenario, out, rank)
+    except Exception as exc:
+        result = {"ok": False, "type": type(exc).__name__, "message": str(exc),
+                  "cause": type(exc.__cause__).__name__ if exc.__cause__ else None,
+                  "traceback": traceback.format_exc()}
+    (out / f"rank{rank}.json").write_text(json.dumps(result, default=str))
+    dist.barrier()  # no rank closes its connections while another still receives from it
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
