@@ -26,6 +26,10 @@ TIMEOUT = timedelta(seconds=60)  # a collective that waits longer than this fail
 def build(scenario: dict) -> torch.nn.Module:
     """The scenario's model, built on the meta device as this rank's shard."""
     with torch.device("meta"):
+        if scenario["kind"] == "sdar_moe":
+            from diffulex_sdar.model import build_sdar_moe
+
+            return build_sdar_moe(scenario["config"])
         if scenario["kind"] == "moe":
             from diffulex_layers.testing import TinyMoeLM
 

@@ -27,8 +27,9 @@ def test_plugins_json_lists_bundled_plugins_and_their_families():
     plugins = {p["name"]: p for p in data["plugins"]}
     for name, dist in BUNDLED.items():
         assert plugins[name]["distribution"] == dist
-        assert plugins[name]["families"] == [name]
+        assert plugins[name]["families"] == ([name, f"{name}_moe"] if name == "sdar" else [name])
         assert data["families"][name]["factory"] == f"diffulex_{name}.model.build_{name}"
+    assert data["families"]["sdar_moe"]["factory"] == "diffulex_sdar.model.build_sdar_moe"
     assert data["failures"] == []
 
 

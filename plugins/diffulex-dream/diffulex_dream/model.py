@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from diffulex_layers import DiffusionLM, PackedLinear, TransformerConfig, config_value, hf_state_dict
+from diffulex_layers.rope import rope_parameters
 
 __all__ = ["DreamForDiffusionLM", "PackedLinear", "build_dream", "to_hf_state_dict"]
 
@@ -46,12 +47,13 @@ class DreamForDiffusionLM(DiffusionLM):
                 f"hidden_size={hidden}, num_attention_heads={heads}, "
                 f"num_key_value_heads={kv_heads} do not divide"
             )
+        rope = rope_parameters(cfg)  # rope_theta, and rope scaling in transformers 4 or 5 form
         return TransformerConfig(
             hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=hidden // heads,
             layers=get("num_hidden_layers", 2), inter=get("intermediate_size", 128),
             vocab=get("vocab_size", 256), eps=get("rms_norm_eps", 1e-6),
             qkv_bias=True,  # Qwen2: bias on q/k/v only
-            tie=bool(get("tie_word_embeddings", False)), rope_theta=get("rope_theta", 10000.0),
+            tie=bool(get("tie_word_embeddings", False)), rope_theta=rope.theta, rope=rope,
             max_positions=get("max_position_embeddings", 2048),
         )  # fmt: skip
 

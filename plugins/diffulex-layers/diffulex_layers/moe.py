@@ -22,7 +22,7 @@ from diffulex_core.parallel import current_parallel_state, divide
 
 from .parallel import GroupRef, ReplicatedLinear, check_loaded_shape, takes_checkpoint_slices
 
-__all__ = ["ExpertWeight", "SparseMoeBlock", "StackedExperts", "parse_expert_weight"]
+__all__ = ["ExpertWeight", "SparseMoeBlock", "StackedExperts", "parse_expert_weight", "per_expert_tensors"]
 
 _EXPERT_WEIGHT = re.compile(r"(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
@@ -139,6 +139,19 @@ class StackedExperts(nn.Module):
         if self.ep_size > 1:
             dist.all_reduce(out, group=self.ep_group)
         return out
+
+
+def per_expert_tensors(prefix: str, experts: StackedExperts) -> dict[str, torch.Tensor]:
+    """This rank's stacked experts under per-expert checkpoint names
+    (``{prefix}.{e}.{gate_proj,up_proj,down_proj}.weight``), for writing checkpoints."""
+    out: dict[str, torch.Tensor] = {}
+    for local in range(experts.num_local_experts):
+        name = f"{prefix}.{experts.expert_start + local}"
+        gate, up = experts.gate_up_proj[local].detach().chunk(2)
+        out[f"{name}.gate_proj.weight"] = gate.clone().contiguous()
+        out[f"{name}.up_proj.weight"] = up.clone().contiguous()
+        out[f"{name}.down_proj.weight"] = experts.down_proj[local].detach().clone().contiguous()
+    return out
 
 
 class SparseMoeBlock(nn.Module):

@@ -115,17 +115,14 @@ class TinyMoeLM(nn.Module):
 
 def moe_checkpoint_tensors(model: TinyMoeLM) -> dict[str, torch.Tensor]:
     """A single-process ``TinyMoeLM``'s weights under per-expert checkpoint names."""
+    from diffulex_layers.moe import StackedExperts, per_expert_tensors
+
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        prefix, _, leaf = name.rpartition(".")
-        if leaf == "gate_up_proj" and prefix.endswith(".experts"):
-            for e, stacked in enumerate(tensor):
-                gate, up = stacked.chunk(2)
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate.clone().contiguous()
-                out[f"{prefix}.{e}.up_proj.weight"] = up.clone().contiguous()
-        elif leaf == "down_proj" and prefix.endswith(".experts"):
-            for e, down in enumerate(tensor):
-                out[f"{prefix}.{e}.down_proj.weight"] = down.clone().contiguous()
-        else:
+        prefix = name.rpartition(".")[0]
+        owner = model.get_submodule(prefix)
+        if not isinstance(owner, StackedExperts):
             out[name] = tensor.detach().clone().contiguous()
+        elif name.endswith(".gate_up_proj"):
+            out.update(per_expert_tensors(prefix, owner))
     return out

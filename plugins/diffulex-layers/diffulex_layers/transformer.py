@@ -26,6 +26,8 @@ from torch import nn
 
 from diffulex_core.parallel import current_parallel_state, divide
 
+from .moe import SparseMoeBlock, StackedExperts, per_expert_tensors
+from .rope import RopeParameters, inv_freq_and_scale
 from .parallel import (MergedColumnParallelLinear, PackedLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
                        VocabParallelEmbedding)
 
@@ -34,12 +36,14 @@ __all__ = [
     "Attention",
     "DecoderLayer",
     "DiffusionLM",
+    "MoeConfig",
     "PackedLinear",
     "RMSNorm",
     "RotaryEmbedding",
     "TransformerConfig",
     "TransformerModel",
     "apply_rotary",
+    "block_causal_mask",
     "config_value",
     "hf_name",
     "hf_state_dict",
@@ -65,6 +69,30 @@ class TransformerConfig:
     tie: bool = False  # lm_head shares the embedding weight
     rope_theta: float = 10000.0
     max_positions: int = 2048
+    rope: RopeParameters | None = None  # rope scaling from the config; None: plain rotary with rope_theta
+    block_size: int | None = None  # block-causal attention in blocks of this many tokens; None: bidirectional
+    moe: MoeConfig | None = None  # sparse MLPs in the layers it names
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture-of-experts MLPs (Qwen3-MoE): ``sparse_layers`` use them, the other layers stay dense."""
+
+    experts: int
+    top_k: int
+    inter: int  # each expert's intermediate size
+    norm_topk_prob: bool
+    sparse_layers: frozenset[int]
+
+
+def block_causal_mask(seq_len: int, block_size: int | None, device: torch.device | None = None) -> torch.Tensor | None:
+    """``mask[i, j]``: may position ``i`` attend to ``j``; within a block every position sees every
+    other, across blocks only earlier blocks are seen (SDAR). None (attend to all) when one block
+    covers the sequence."""
+    if block_size is None or block_size >= seq_len:
+        return None
+    block = torch.arange(seq_len, device=device) // block_size
+    return block[None, :] <= block[:, None]
 
 
 def config_value(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -74,21 +102,29 @@ def config_value(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin cache (non-persistent); rebuilt when moved (e.g. meta -> to_empty) or too short."""
+    """cos/sin cache (non-persistent); rebuilt when moved (e.g. meta -> to_empty) or too short.
 
-    def __init__(self, head_dim: int, max_positions: int, base: float) -> None:
+    ``rope`` is a ``RopeParameters`` (the config's rope scaling, computed as transformers does;
+    ``diffulex_layers.rope``) or a plain base (theta). With ``"dynamic"`` scaling the frequencies
+    depend on the sequence length once it passes ``max_positions``, so those are not cached.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeParameters | float) -> None:
         super().__init__()
-        self.head_dim, self.base = head_dim, float(base)
+        self.rope = rope if isinstance(rope, RopeParameters) else RopeParameters("default", float(rope))
+        self.head_dim, self.max_positions = head_dim, max_positions
         self.register_buffer("cos_sin_cache", self._compute(max_positions, None), persistent=False)
         self._built_on = (self.cos_sin_cache.device, self.cos_sin_cache.dtype)
 
-    def _compute(self, n: int, device: torch.device | None) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), self.base**-exponents)
-        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # [n, head_dim]
+    def _compute(self, n: int, device: torch.device | None, seq_len: int | None = None) -> torch.Tensor:
+        inv_freq, scale = inv_freq_and_scale(self.rope, self.head_dim, self.max_positions, seq_len)
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=device), inv_freq.to(device))
+        return torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1)  # [n, head_dim]
 
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.cos_sin_cache
+        if self.rope.rope_type == "dynamic" and seq_len > self.max_positions:
+            return self._compute(seq_len, cache.device, seq_len).chunk(2, dim=-1)
         if (cache.device, cache.dtype) != self._built_on or seq_len > cache.shape[0]:
             self.cos_sin_cache = self._compute(max(seq_len, cache.shape[0]), cache.device)
             self._built_on = (cache.device, torch.float32)
@@ -128,7 +164,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [T, T] (True: may attend), or None for bidirectional attention."""
         B, T, _ = x.shape
         sizes = [size for _, size in self.qkv_proj.shard_slices.values()]
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in self.qkv_proj(x).split(sizes, dim=-1))
@@ -138,7 +176,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         rep = self.n_heads // self.n_kv_heads  # GQA: repeat kv heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional (diffusion LM)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # None: bidirectional (diffusion LM)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -155,15 +193,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: TransformerConfig) -> None:
+    def __init__(self, c: TransformerConfig, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden, eps=c.eps)
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.hidden, eps=c.eps)
-        self.mlp = MLP(c)
+        if c.moe is not None and index in c.moe.sparse_layers:
+            m = c.moe
+            self.mlp = SparseMoeBlock(c.hidden, m.experts, m.top_k, m.inter, norm_topk_prob=m.norm_topk_prob)
+        else:
+            self.mlp = MLP(c)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,13 +214,14 @@ class TransformerModel(nn.Module):
     def __init__(self, c: TransformerConfig) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(c.vocab, c.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.layers))
         self.norm = RMSNorm(c.hidden, eps=c.eps)
 
-    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 
@@ -197,12 +241,13 @@ class DiffusionLM(nn.Module):
         super().__init__()
         self.config_dict = dict(config or {})
         c = self.resolve_config(self.config_dict)
+        self.block_size = c.block_size
         self.model = TransformerModel(c)
         self.lm_head = ParallelLMHead(c.vocab, c.hidden)
         self.tie_word_embeddings = c.tie
         if c.tie:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary_emb = RotaryEmbedding(c.head_dim, c.max_positions, c.rope_theta)
+        self.rotary_emb = RotaryEmbedding(c.head_dim, c.max_positions, c.rope or c.rope_theta)
 
     def _apply(self, fn, *args, **kwargs):
         result = super()._apply(fn, *args, **kwargs)
@@ -211,8 +256,11 @@ class DiffusionLM(nn.Module):
         return result
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary_emb(input_ids.shape[1])
-        return self.lm_head(self.model(input_ids, cos, sin))
+        """Logits [B, T, vocab]: bidirectional attention, or block-causal where the config sets a block size."""
+        seq_len = input_ids.shape[1]
+        cos, sin = self.rotary_emb(seq_len)
+        mask = block_causal_mask(seq_len, self.block_size, input_ids.device)
+        return self.lm_head(self.model(input_ids, cos, sin, mask))
 
 
 def hf_name(name: str, shard_id: Any, mapping: Mapping[str, tuple]) -> str:
@@ -235,7 +283,8 @@ def hf_name(name: str, shard_id: Any, mapping: Mapping[str, tuple]) -> str:
 
 
 def hf_state_dict(model: DiffusionLM) -> dict[str, torch.Tensor]:
-    """The model's weights under checkpoint names (packed tensors split, a tied lm_head left out).
+    """The model's weights under checkpoint names (packed tensors split, stacked experts one by one,
+    a tied lm_head left out).
 
     Meant for single-process models: with ``tp_size > 1`` the tensors are this rank's parts."""
     tied = model.lm_head.weight is model.model.embed_tokens.weight
@@ -243,7 +292,12 @@ def hf_state_dict(model: DiffusionLM) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        owner = model.get_submodule(name.rpartition(".")[0])
+        prefix = name.rpartition(".")[0]
+        owner = model.get_submodule(prefix)
+        if isinstance(owner, StackedExperts):
+            if name.endswith(".gate_up_proj"):  # once per module
+                out.update(per_expert_tensors(prefix, owner))
+            continue
         for shard_id, (start, size) in getattr(owner, "shard_slices", {None: (0, tensor.shape[0])}).items():
             piece = tensor.narrow(0, start, size)
             out[hf_name(name, shard_id, model.packed_modules_mapping)] = piece.detach().clone().contiguous()

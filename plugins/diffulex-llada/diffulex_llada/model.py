@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from diffulex_layers import DiffusionLM, PackedLinear, TransformerConfig, config_value, hf_state_dict
+from diffulex_layers.rope import rope_parameters
 
 __all__ = ["LLaDAForDiffusionLM", "PackedLinear", "build_llada", "to_hf_state_dict"]
 
@@ -54,12 +55,13 @@ class LLaDAForDiffusionLM(DiffusionLM):
         if hidden % heads or heads % kv_heads:
             raise ValueError(f"d_model={hidden}, n_heads={heads}, n_kv_heads={kv_heads} do not divide")
         bias = bool(get("include_bias", False))
+        rope = rope_parameters(cfg)  # rope_theta, and rope scaling in transformers 4 or 5 form
         return TransformerConfig(
             hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=hidden // heads,
             layers=get("n_layers", 2), inter=get("mlp_hidden_size", get("mlp_ratio", 2) * hidden),
             vocab=get("embedding_size", get("vocab_size", 256)), eps=get("rms_norm_eps", 1e-5),
             qkv_bias=bias or bool(get("include_qkv_bias", False)), o_bias=bias, mlp_bias=bias,
-            tie=bool(get("weight_tying", False)), rope_theta=get("rope_theta", 10000.0),
+            tie=bool(get("weight_tying", False)), rope_theta=rope.theta, rope=rope,
             max_positions=get("max_sequence_length", 2048),
         )  # fmt: skip
 

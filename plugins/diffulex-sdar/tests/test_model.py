@@ -66,6 +66,24 @@ def test_config_keys(config, expected):
     assert {key: getattr(c, key) for key in expected} == expected
 
 
+@pytest.mark.parametrize("block_size", [0, -1, 2.5, "4", True])
+def test_a_bad_block_size_names_the_key(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        SDARForDiffusionLM.resolve_config({"block_size": block_size})
+
+
+def test_block_size_and_moe_keys():
+    from diffulex_sdar.model import SDARMoeForDiffusionLM
+
+    assert SDARForDiffusionLM.resolve_config({"block_size": 4}).block_size == 4
+    assert SDARForDiffusionLM.resolve_config({}).block_size is None and SDARForDiffusionLM.resolve_config({}).moe is None
+    moe = SDARMoeForDiffusionLM.resolve_config({"num_hidden_layers": 6, "num_local_experts": 16, "num_experts_per_tok": 4,
+                                                "moe_intermediate_size": 24, "decoder_sparse_step": 2,
+                                                "mlp_only_layers": [3], "norm_topk_prob": True}).moe
+    assert (moe.experts, moe.top_k, moe.inter, moe.norm_topk_prob) == (16, 4, 24, True)
+    assert moe.sparse_layers == {1, 5}  # every 2nd layer, but layer 3 stays dense
+
+
 def test_heads_not_a_multiple_of_kv_heads_are_rejected():
     build_sdar({"hidden_size": 30, "head_dim": 8})  # hidden_size need not divide: head_dim is explicit
     with pytest.raises(ValueError, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"):
@@ -118,7 +136,7 @@ def test_plugin_registers_lazy_factory_without_importing_torch():
     pm.register(diffulex_sdar)
     calls = []
     pm.hook.diffulex_register_families(register=lambda *a, **k: calls.append((a, k)))
-    assert calls == [(("sdar", "diffulex_sdar.model:build_sdar"), {})]
+    assert calls == [(("sdar", "diffulex_sdar.model:build_sdar"), {}), (("sdar_moe", "diffulex_sdar.model:build_sdar_moe"), {})]
     code = "import sys, diffulex_sdar; assert 'torch' not in sys.modules, 'torch imported'"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
