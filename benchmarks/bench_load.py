@@ -29,6 +29,27 @@ percentage of the model's bytes. File pages mapped by ``safe_open`` count, as th
 
     python benchmarks/bench_load.py [--cases dense,moe,tiny] [--repeats 3]
     python benchmarks/bench_load.py --dense-gib 0.2 --moe-gib 0.1 --tiny-count 10000 --repeats 1   # quick
+
+``--device cuda`` (one short run on a GPU machine; the CPU cases are not run): a dense bf16
+checkpoint of ``--cuda-gib`` (8) GiB in ``--cuda-files`` (4) files, page cache warm, loaded into a
+model whose parameters are on ``cuda:0``. It prints the pinned host-to-device limit (a pinned
+1 GiB buffer copied repeatedly), then per contender (each verified first: a sample of parameters
+compared with the files) the median time, GiB/s, ratio to the naive loop and share of the limit:
+
+* ``naive``: ``safe_open`` + ``get_tensor`` + ``param.copy_`` (then ``torch.cuda.synchronize``);
+* ``safe_open-cuda``: ``safe_open(device="cuda:0")`` + ``get_tensor`` + ``param.copy_``;
+* ``loader``: ``load_checkpoint`` as it is today;
+* ``ring AxB``: ``device_staging.copy_to_device`` over reads derived from the headers (times include
+  parsing headers and opening files), with A pinned buffers of B MiB, one row per shape in
+  ``--ring-configs`` (default ``4x64,8x16,16x8``), ``--threads`` readers;
+* ``registered``: ``device_staging.copy_registered`` over the same reads (``--segment-mib``).
+
+A contender that fails prints its error and the run goes on. ``--dry-run`` does all of it on the
+CPU without CUDA, on a small checkpoint (0.05 GiB unless ``--cuda-gib``), the ring through
+``CpuStandInBackend``; the CUDA-only contenders are listed as skipped::
+
+    python benchmarks/bench_load.py --device cuda                        # on the GPU machine
+    python benchmarks/bench_load.py --device cuda --dry-run --repeats 1  # anywhere
 """
 
 from __future__ import annotations
@@ -201,7 +222,7 @@ def warm_page_cache(path: Path) -> None:
 class Holder(nn.Module):
     """An nn.Module tree whose parameters carry exactly the checkpoint's dotted names."""
 
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    def __init__(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device=None) -> None:
         super().__init__()
         modules: dict[str, nn.Module] = {"": self}
         for name, (shape, dtype) in specs.items():
@@ -214,7 +235,7 @@ class Holder(nn.Module):
                     child = modules[prefix] = nn.Module()
                     setattr(parent, part, child)
                 parent = child
-            setattr(parent, leaf, nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False))
+            setattr(parent, leaf, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False))
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -262,7 +283,7 @@ def verify(model: nn.Module, path: Path, label: str, samples: int = 32) -> None:
             expected = f.get_tensor(names[i])
             if not torch.any(expected != 0):
                 raise SystemExit(f"{label}: file tensor {names[i]!r} is all zeros; the check would prove nothing")
-            if not torch.equal(params[names[i]], expected):
+            if not torch.equal(params[names[i]].detach().cpu(), expected):
                 raise SystemExit(f"{label}: parameter {names[i]!r} differs from the checkpoint after loading")
     print(f"  verified {label}: {len(picks)} parameters equal to the file", flush=True)
 
@@ -435,6 +456,205 @@ def print_table(rows: list[dict], repeats: int) -> None:
           "plan part of load_checkpoint otherwise")
 
 
+# --------------------------------------------------------------------------- --device cuda
+
+
+def shard_specs(specs: dict[str, tuple[int, ...]], files: int) -> list[dict[str, tuple[int, ...]]]:
+    """Consecutive tensors split into ``files`` groups of about equal bytes."""
+    total = sum(math.prod(shape) for shape in specs.values())
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    done = 0
+    for name, shape in specs.items():
+        if done >= total * len(shards) / files and len(shards) < files:
+            shards.append({})
+        shards[-1][name] = shape
+        done += math.prod(shape)
+    return [shard for shard in shards if shard]
+
+
+def header_ranges(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where the tensor data starts, and each tensor's (begin, end) relative to it."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, {name: tuple(info["data_offsets"]) for name, info in header.items()}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def device_naive(model: nn.Module, paths: list[Path], device: str) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for path in paths:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    params[name].copy_(f.get_tensor(name))
+    sync(device)
+
+
+def device_safe_open(model: nn.Module, paths: list[Path], device: str) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for path in paths:
+            with safe_open(str(path), "pt", device=device) as f:
+                for name in f.keys():
+                    params[name].copy_(f.get_tensor(name))
+    sync(device)
+
+
+def device_loader(model: nn.Module, paths: list[Path], device: str) -> None:
+    from diffulex_core.loader import load_checkpoint
+
+    load_checkpoint(model, paths[0].parent, progress=False)
+    sync(device)
+
+
+def device_staged(model: nn.Module, paths: list[Path], device: str, copy, **options):
+    """``copy`` (a device_staging path) over reads derived from the headers, into the parameters."""
+    from diffulex_core.device_staging import DeviceRead
+
+    params = dict(model.named_parameters())
+    fds = {path: os.open(path, os.O_RDONLY) for path in paths}
+    try:
+        reads = []
+        for path in paths:
+            base, ranges = header_ranges(path)
+            for name, (lo, hi) in ranges.items():
+                dest = params[name].detach().view(-1).view(torch.uint8)
+                reads.append(DeviceRead(path, base + lo, hi - lo, dest, name))
+        return copy(reads, fds, **options)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def pinned_limit(gib: float = 1.0, repeats: int = 8) -> float:
+    """GiB/s of a pinned host buffer copied to the device, the PCIe limit any loader works under."""
+    nbytes = int(gib * GIB)
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    del src, dst
+    return gib * repeats / seconds
+
+
+def run_device_case(args) -> None:
+    from diffulex_core import device_staging
+
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda needs a GPU (torch {torch.__version__} sees none); "
+                         f"--dry-run runs the same steps on the CPU")
+    device = "cpu" if dry else "cuda:0"
+    gib = args.cuda_gib if args.cuda_gib is not None else (0.05 if dry else 8.0)
+    rings = []  # (label, options) per ring shape to try
+    for shape in (part.strip() for part in args.ring_configs.split(",") if part.strip()):
+        count, _, mib = shape.partition("x")
+        rings.append((f"ring {count}x{mib}MiB", {"ring_buffers": int(count), "buffer_bytes": int(float(mib) * 2**20),
+                                                 "threads": args.threads}))
+    tmp = Path(tempfile.mkdtemp(prefix="bench_load_cuda_", dir=args.tmp))
+    try:
+        start = time.perf_counter()
+        shards = shard_specs(dense_specs(gib), args.cuda_files)
+        paths = [tmp / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for path, shard in zip(paths, shards):
+            write_big(path, shard, torch.bfloat16)
+            fsync(path)
+        print(f"[{'dry-run' if dry else 'cuda'}] wrote {len(paths)} files in {time.perf_counter() - start:.1f} s",
+              flush=True)
+        for path in paths:
+            warm_page_cache(path)
+        specs: dict = {}
+        for path in paths:
+            specs.update(header_specs(path))
+        model = Holder(specs, device=device)
+        nbytes = model_bytes(model)
+        gib_moved = nbytes / GIB
+        print(f"[{'dry-run' if dry else 'cuda'}] {len(specs):,} tensors, {gib_moved:.3f} GiB in {len(paths)} files, "
+              f"model on {device}, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+
+        limit = None
+        if not dry:
+            limit = pinned_limit()
+            print(f"  pinned host->device limit: {limit:.1f} GiB/s", flush=True)
+
+        def ring_call(options):
+            def call(m, ps, dev):
+                backend = device_staging.CpuStandInBackend(check_sources=False) if dry else None
+                stats = device_staged(m, ps, dev, device_staging.copy_to_device, backend=backend, **options)
+                sync(dev)
+                return stats
+            return call
+
+        def registered_call(m, ps, dev):
+            stats = device_staged(m, ps, dev, device_staging.copy_registered, threads=args.threads,
+                                  segment_bytes=int(args.segment_mib * 2**20))
+            sync(dev)
+            return stats
+
+        contenders = {"naive": device_naive, "safe_open-cuda": None if dry else device_safe_open,
+                      "loader": device_loader,
+                      **{label: ring_call(options) for label, options in rings},
+                      "registered": None if dry else registered_call}
+        rows = []
+        for label, fn in contenders.items():
+            if fn is None:
+                print(f"  {label}: skipped (needs CUDA)", flush=True)
+                rows.append((label, None, "skipped (needs CUDA)"))
+                continue
+            try:
+                zero_model(model)
+                sync(device)
+                fn(model, paths, device)
+                for path in paths:
+                    verify(model, path, f"{label} ({path.name})", samples=8)
+                times = []
+                for _ in range(args.repeats):
+                    gc.collect()
+                    sync(device)
+                    begin = time.perf_counter()
+                    result = fn(model, paths, device)
+                    times.append(time.perf_counter() - begin)
+                note = f"{result.threads} threads, staging {result.staging_bytes / 2**20:.0f} MiB" \
+                    if isinstance(result, device_staging.StagingStats) else ""
+                rows.append((label, statistics.median(times), note))
+                print(f"  {label}: {', '.join(f'{t:.3f}' for t in times)} s {note}", flush=True)
+            except (Exception, SystemExit) as exc:  # one broken contender must not cost the others their run
+                rows.append((label, None, f"FAILED: {type(exc).__name__}: {exc}"))
+                print(f"  {label}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+
+        naive_s = rows[0][1]
+        print()
+        print(f"{gib_moved:.3f} GiB bf16 in {len(paths)} files, {len(specs)} tensors, median of {args.repeats}, "
+              f"page cache warm, model on {device}" + (" (DRY RUN: CPU, stand-in backend)" if dry else ""))
+        if limit is not None:
+            print(f"pinned host->device limit {limit:.1f} GiB/s")
+        header = f"{'contender':18s} {'s':>8s} {'GiB/s':>8s} {'x naive':>8s} {'% limit':>8s}  note"
+        print(header)
+        print("-" * len(header))
+        for label, seconds, note in rows:
+            if seconds is None:
+                print(f"{label:18s} {'-':>8s} {'-':>8s} {'-':>8s} {'-':>8s}  {note}")
+                continue
+            rate = gib_moved / seconds
+            ratio = f"{naive_s / seconds:7.2f}x" if naive_s else "-"
+            share = f"{100 * rate / limit:7.1f}%" if limit else "-"
+            print(f"{label:18s} {seconds:8.3f} {rate:8.2f} {ratio:>8s} {share:>8s}  {note}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="dense,moe,tiny", help="comma-separated: dense, moe, tiny")
@@ -445,12 +665,31 @@ def main() -> None:
     parser.add_argument("--tiny-width", type=int, default=16, help="float32 elements per tiny tensor")
     parser.add_argument("--rss-cases", default="dense,moe", help="cases whose peak RSS is measured ('' for none)")
     parser.add_argument("--tmp", default="/tmp", help="where the temporary checkpoint directory goes")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the GPU comparison (naive, safe_open-cuda, loader, ring, registered) "
+                             "instead of the CPU cases")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --device cuda: every step on the CPU, no CUDA needed")
+    parser.add_argument("--cuda-gib", type=float, default=None,
+                        help="checkpoint size for --device cuda (8; 0.05 with --dry-run)")
+    parser.add_argument("--cuda-files", type=int, default=4,
+                        help="files the --device cuda checkpoint is split into")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="reader / registration threads (default: one per CPU)")
+    parser.add_argument("--ring-configs", default="4x64,8x16,16x8",
+                        help="staging ring shapes to time, BUFFERSxMIB, comma-separated (4x64 is the default ring)")
+    parser.add_argument("--segment-mib", type=float, default=256, help="registered path: bytes registered at once")
     parser.add_argument("--worker", choices=sorted(APPROACHES), help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.file)
         return
+    if args.device == "cuda":
+        run_device_case(args)
+        return
+    if args.dry_run:
+        parser.error("--dry-run goes with --device cuda")
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(cases) - {"dense", "moe", "tiny"}

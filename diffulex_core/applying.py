@@ -13,7 +13,10 @@
 2. **Everything else**, all checked by the plan: plain copies straight from the file into the
    parameters' memory (``reader``), then the rest through transforms and ``weight_loader``s;
    a ``weight_loader`` that takes a ``CheckpointSlice`` reads only the part it keeps (a
-   tensor-parallel rank's rows or columns).
+   tensor-parallel rank's rows or columns). Plain copies and declared ``WeightDestination``s
+   need no code: on the CPU their bytes are read straight into place (cast in bounded chunks
+   where dtypes differ); on a CUDA device of their dtype they go through a pinned staging ring
+   (``device_staging``), and everything else gets its tensor on the device before its code runs.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from typing import Mapping
 import torch
 
 from .errors import LoadApplyError, LoadPlanError
-from .checkpoint_slice import ByteMeter, CheckpointSlice
+from .checkpoint_slice import ByteMeter, CheckpointSlice, byte_runs
+from .device_staging import DeviceRead, choose_path
 from .planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into, takes_slice
-from .reader import DirectRead, read_direct, read_exact
+from .reader import CastRead, DirectRead, read_direct, read_exact
 from .report import LoadReport, TensorPlacement
 from .write_watch import ModelMemory, WriteWatcher
 
@@ -125,9 +129,42 @@ def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, P
     raise LoadPlanError(problem_message(report, blocking), report)
 
 
+def _reads_into(item: Planned, dest: torch.Tensor, direct: list[DirectRead], casts: list[CastRead]) -> None:
+    """The reads that put ``item``'s bytes where its layout says, in ``dest``'s memory (cast where dtypes differ)."""
+    record, layout = item.record, item.layout
+    if record.dtype == dest.dtype:
+        address = dest.data_ptr() + layout.offset * dest.element_size()
+        for offset, nbytes in byte_runs(record, layout.ranges):
+            direct.append(DirectRead(record.file, offset, nbytes, address, record.name))
+            address += nbytes
+        return
+    flat, first, size = dest.view(-1), layout.offset, record.dtype.itemsize
+    for offset, nbytes in byte_runs(record, layout.ranges):
+        casts.append(CastRead(record.file, offset, nbytes, record.dtype, flat.narrow(0, first, nbytes // size), record.name))
+        first += nbytes // size
+
+
+def _device_reads_into(item: Planned, dest: torch.Tensor, device: list[DeviceRead]) -> None:
+    """The reads that put ``item``'s bytes where its layout says in a device tensor of its dtype."""
+    record = item.record
+    flat, position = dest.view(-1).view(torch.uint8), item.layout.offset * dest.element_size()
+    for offset, nbytes in byte_runs(record, item.layout.ranges):
+        device.append(DeviceRead(record.file, offset, nbytes, flat.narrow(0, position, nbytes), record.name))
+        position += nbytes
+
+
+def _by_device(reads: list[DeviceRead]) -> list[list[DeviceRead]]:
+    groups: dict[torch.device, list[DeviceRead]] = {}
+    for read in reads:
+        groups.setdefault(read.dest.device, []).append(read)
+    return list(groups.values())
+
+
 def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, threads: int | None,
-               undo: str, fatal: tuple[str, ...]) -> None:
-    """Write every planned tensor; ``fatal`` problem kinds found while applying undo phase 1 and raise."""
+               undo: str, fatal: tuple[str, ...], cuda_path: str = "auto") -> None:
+    """Write every planned tensor; ``fatal`` problem kinds found while applying undo phase 1 and raise.
+
+    ``cuda_path`` picks how bytes reach CUDA destinations (``device_staging.choose_path``)."""
     report = plan.report
     work = [(i, item) for i, item in enumerate(plan.items) if item.placement.kind in WRITTEN_KINDS]
     show = progress if progress is not None else (sys.stderr.isatty() and report.bytes_total >= PROGRESS_MIN_BYTES)
@@ -147,17 +184,23 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
             watched = [(i, item) for i, item in work if item.watched]
             if watched or plan.pending:
                 _run_watched(plan, dests, watched, fds, undo, fatal, advance)
-            direct, coded = [], []
+            direct, casts, device, coded = [], [], [], []
             for _, item in work:  # ``dests`` keeps every destination alive while its address is in use
                 if item.watched:
                     continue
                 dest = _dest(dests, item)
-                if item.plain and dest.device.type == "cpu" and dest.is_contiguous():
-                    record = item.record
-                    direct.append(DirectRead(record.file, record.start, record.nbytes, dest.data_ptr(), record.name))
+                fast = item.layout is not None and dest.is_contiguous()
+                if fast and dest.device.type == "cpu":
+                    _reads_into(item, dest, direct, casts)
+                elif fast and dest.device.type == "cuda" and dest.dtype == item.record.dtype:
+                    _device_reads_into(item, dest, device)
                 else:
                     coded.append((item, dest))
-            read_direct(direct, fds, threads=threads, on_progress=advance)
+            read_direct(direct, fds, casts=casts, threads=threads, on_progress=advance)
+            for group in _by_device(device):  # a staging ring per device; the report says which path ran
+                stats = choose_path(cuda_path)(group, fds, threads=threads, on_progress=advance)
+                report.read_paths[stats.path] = {"bytes": stats.nbytes, "seconds": stats.seconds,
+                                                 "gib_per_s": stats.gib_per_s}
             meter = ByteMeter()
             for item, dest in coded:
                 read_before = meter.bytes
@@ -166,6 +209,8 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                 else:
                     tensor = _read_tensor(item, fds)
                     meter.bytes += item.record.nbytes
+                    if dest is not None and dest.device.type != "cpu":  # code gets its tensor on the device
+                        tensor = tensor.to(dest.device)
                 try:
                     _run_code(item, dest, tensor)
                 except Exception as exc:

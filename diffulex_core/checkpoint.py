@@ -1,13 +1,14 @@
-"""Value objects for checkpoint weight resolution: ``LoadContext`` and ``ResolvedWeight``."""
+"""Value objects for checkpoint weight resolution: ``LoadContext``, ``ResolvedWeight`` and
+``WeightDestination``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from .errors import WeightSpecError
 
-__all__ = ["LoadContext", "ResolvedWeight"]
+__all__ = ["LoadContext", "ResolvedWeight", "WeightDestination"]
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,8 @@ class ResolvedWeight:
 
     def rebased(self, prefix: str) -> "ResolvedWeight":
         """The same destination with names made relative to the root model (objects stay as they are)."""
-        if not prefix:
-            return self
+        if not prefix or not any(isinstance(n, str) for n in (self.param, self.buffer, *self.covers)):
+            return self  # objects, or no names: nothing to rebase (and nothing to validate again)
         join = lambda n: f"{prefix}.{n}" if isinstance(n, str) else n  # noqa: E731
         return ResolvedWeight(
             param=join(self.param), buffer=join(self.buffer), shard_id=self.shard_id, transform=self.transform,
@@ -90,3 +91,31 @@ def _is_destination(value: Any) -> bool:
     import torch  # only reached when a spec holds an object, so torch is already imported
 
     return isinstance(value, torch.Tensor)
+
+
+class WeightDestination(NamedTuple):
+    """Where a checkpoint tensor lands in a parameter, declared as data instead of code.
+
+    A layer whose ``weight_loader`` only narrows the checkpoint tensor and copies it into part of
+    its parameter can say so: the parameter gets ``weight_destination(param, loaded_shape,
+    shard_id)`` (``shard_id`` is None for a whole tensor) returning one of these, and its
+    ``weight_loader`` becomes ``layer.weight_destination(...).apply(loaded_weight)``. The loader
+    then checks the layout once in the plan and reads the bytes straight into ``target`` (cast
+    in bounded chunks where dtypes differ) without calling any code per tensor.
+
+    ``target`` is a view of the parameter; ``source`` the narrows of the checkpoint tensor,
+    ``(dim, start, length)``, applied in order. A bad shape or shard id is a ``ValueError``, as
+    from the ``weight_loader``.
+    """
+
+    target: Any
+    source: tuple[tuple[int, int, int], ...] = ()
+
+    def apply(self, loaded_weight: Any) -> None:
+        """``target.copy_`` of the narrowed tensor (a tensor or a ``CheckpointSlice``)."""
+        for dim, start, length in self.source:
+            loaded_weight = loaded_weight.narrow(dim, start, length)
+        if tuple(loaded_weight.shape) != tuple(self.target.shape):
+            raise ValueError(f"the narrowed checkpoint tensor has shape {list(loaded_weight.shape)} but its "
+                             f"destination has shape {list(self.target.shape)}")
+        self.target.copy_(loaded_weight)

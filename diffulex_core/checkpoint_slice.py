@@ -23,7 +23,7 @@ import torch
 from .checkpoint_files import TensorRecord
 from .reader import read_exact
 
-__all__ = ["CheckpointSlice", "takes_checkpoint_slices", "accepts_checkpoint_slice"]
+__all__ = ["CheckpointSlice", "accepts_checkpoint_slice", "byte_runs", "takes_checkpoint_slices"]
 
 ATTRIBUTE = "accepts_checkpoint_slice"
 
@@ -41,6 +41,28 @@ def takes_checkpoint_slices(weight_loader: Callable) -> Callable:
 def accepts_checkpoint_slice(weight_loader: Any) -> bool:
     """True when ``weight_loader`` is marked (bound methods forward the lookup to their function)."""
     return getattr(weight_loader, ATTRIBUTE, False) is True
+
+
+def byte_runs(record: TensorRecord, ranges: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """(file offset, bytes) of each contiguous piece of ``record`` limited to ``ranges`` (one
+    ``(start, length)`` per dimension), in C order: one piece for rows, one per row for columns."""
+    if any(length == 0 for _, length in ranges):
+        return []
+    item = record.dtype.itemsize
+    full = record.shape
+    strides = [item] * len(full)
+    for d in range(len(full) - 2, -1, -1):
+        strides[d] = strides[d + 1] * full[d + 1]
+    inner = len(full)  # dims from ``inner`` on are whole, so one run spans them
+    while inner > 0 and ranges[inner - 1] == (0, full[inner - 1]):
+        inner -= 1
+    if inner == 0:
+        return [(record.start, record.nbytes)]
+    start, length = ranges[inner - 1]
+    run_bytes = length * strides[inner - 1]
+    first = record.start + start * strides[inner - 1]
+    outer = [range(s, s + n) for s, n in ranges[: inner - 1]]
+    return [(first + sum(i * strides[d] for d, i in enumerate(index)), run_bytes) for index in itertools.product(*outer)]
 
 
 class ByteMeter:
@@ -111,24 +133,7 @@ class CheckpointSlice:
 
     def runs(self) -> list[tuple[int, int]]:
         """(file offset, bytes) of each contiguous piece of the view, in C order."""
-        if any(length == 0 for _, length in self.ranges):
-            return []
-        item = self.dtype.itemsize
-        full = self.record.shape
-        strides = [item] * len(full)
-        for d in range(len(full) - 2, -1, -1):
-            strides[d] = strides[d + 1] * full[d + 1]
-        inner = len(full)  # dims from ``inner`` on are whole, so one run spans them
-        while inner > 0 and self.ranges[inner - 1] == (0, full[inner - 1]):
-            inner -= 1
-        if inner == 0:
-            return [(self.record.start, self.record.nbytes)]
-        start, length = self.ranges[inner - 1]
-        run_bytes = length * strides[inner - 1]
-        first = self.record.start + start * strides[inner - 1]
-        outer = [range(s, s + n) for s, n in self.ranges[: inner - 1]]
-        return [(first + sum(i * strides[d] for d, i in enumerate(index)), run_bytes)
-                for index in itertools.product(*outer)]
+        return byte_runs(self.record, self.ranges)
 
     def read_into(self, dest: torch.Tensor) -> None:
         """Read the view into ``dest``: a contiguous CPU tensor of its shape and dtype."""

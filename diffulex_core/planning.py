@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import LoadContext, ResolvedWeight
+from .checkpoint import LoadContext, ResolvedWeight, WeightDestination
 from .checkpoint_files import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
 from .checkpoint_slice import CheckpointSlice, accepts_checkpoint_slice
 from .errors import CheckpointFormatError, DiffulexError, LoadError, WeightSpecError
@@ -39,7 +39,7 @@ from .report import LoadReport, TensorPlacement
 from .ties import storage_key, tie_keys
 from .write_watch import MetaOnly
 
-__all__ = ["LoadPlan", "Destinations", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
+__all__ = ["LoadPlan", "Destinations", "Layout", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
            "whole_tensor_loader", "load_into", "resolver_of", "ask_module_resolvers", "takes_slice"]
 
 WRITTEN_KINDS = ("param", "buffer", "loader")
@@ -108,6 +108,42 @@ def castable(src: torch.dtype, dst: torch.dtype, kind: str) -> bool:
     if kind == "buffer" and dst.is_floating_point and not src.is_complex:
         return True
     return integral(src) and integral(dst)
+
+
+class Layout(NamedTuple):
+    """Where a checkpoint tensor's bytes go: the part ``ranges`` of it (``(start, length)`` per
+    dimension, C order) fills the contiguous elements of the destination from ``offset``."""
+
+    offset: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+def _declared_layout(dest: torch.Tensor, name: str, record: TensorRecord,
+                     shard_id: Any) -> tuple[str | None, Layout | None]:
+    """(problem, layout) from the parameter's ``weight_destination``; (None, None) where the
+    declaration cannot be read straight into memory (its ``weight_loader`` then runs)."""
+    shard = f" (shard {shard_id!r})" if shard_id is not None else ""
+    declared = f"the weight_destination of param {name!r}{shard}"
+    try:
+        found = dest.weight_destination(dest, record.shape, shard_id)
+    except Exception as exc:
+        return f"{declared} raised {type(exc).__name__}: {exc}", None
+    if not isinstance(found, WeightDestination):
+        return f"{declared} returned {type(found).__name__}, not a WeightDestination", None
+    ranges = [(0, n) for n in record.shape]
+    for dim, start, length in found.source:
+        if not (0 <= dim < len(ranges) and start >= 0 and length >= 0 and start + length <= ranges[dim][1]):
+            return f"{declared} narrows ({dim}, {start}, {length}) outside shape {list(record.shape)}", None
+        ranges[dim] = (ranges[dim][0] + start, length)
+    target = found.target
+    if tuple(length for _, length in ranges) != tuple(target.shape):
+        return (f"{declared} takes a part of shape {[n for _, n in ranges]} into a destination of "
+                f"shape {list(target.shape)}"), None
+    offset = target.storage_offset() - dest.storage_offset()
+    if (target.untyped_storage()._cdata != dest.untyped_storage()._cdata or target.dtype != dest.dtype
+            or not (target.is_contiguous() and dest.is_contiguous()) or not 0 <= offset <= dest.numel() - target.numel()):
+        return None, None
+    return None, Layout(offset, tuple(ranges))
 
 
 # --------------------------------------------------------------------------- destinations
@@ -308,7 +344,7 @@ class Planned:
     record: TensorRecord
     placement: TensorPlacement
     target: Target | None
-    plain: bool = False  # same dtype and shape, no code involved: bytes can go straight into memory
+    layout: Layout | None = None  # no code involved: where the bytes go in the destination's memory
     watched: bool = False  # code the plan could not dry-run: run first, under the write watcher
 
 
@@ -408,36 +444,41 @@ class _Planner:
                 return Target("skip", None, reason=f"ignored: matches {pattern!r} of {source}"), "ignored", None
         return None, "unexpected", note
 
-    def check(self, record: TensorRecord, target: Target) -> tuple[str | None, bool, str | None]:
-        """(problem, plain, deferral): checks the write on the meta device where code is involved.
+    def check(self, record: TensorRecord, target: Target) -> tuple[str | None, Layout | None, str | None]:
+        """(problem, layout, deferral): checks the write on the meta device where code is involved.
 
-        ``plain`` means same dtype and shape with no code in between, so the file's bytes can go
-        straight into the destination's memory. A transform or weight_loader that fails on meta
-        tensors is not a problem by itself: ``deferral`` says why it will be checked at apply.
+        ``layout`` says where the file's bytes go in the destination's memory when no code is
+        needed: a plain copy (cast if dtypes differ), or a ``WeightDestination`` the parameter
+        declares. A transform or weight_loader that fails on meta tensors is not a problem by
+        itself: ``deferral`` says why it will be checked at apply.
         """
         kind, name = target.kind, target.name
         dest = self.dests.tensor(kind, name)
         if dest is None:
-            return f"it resolves to {kind} {name!r}, which {type(self.model).__qualname__} does not have", False, None
+            return f"it resolves to {kind} {name!r}, which {type(self.model).__qualname__} does not have", None, None
         shape, dtype, tensor = record.shape, record.dtype, None
         if target.transform is not None:
             try:
                 with self.guard():
                     tensor = target.transform(torch.empty(shape, dtype=dtype, device="meta"))
             except Exception as exc:
-                return None, False, f"its transform cannot run on a meta tensor ({type(exc).__name__}: {exc})"
+                return None, None, f"its transform cannot run on a meta tensor ({type(exc).__name__}: {exc})"
             if not isinstance(tensor, torch.Tensor):
-                return f"its transform returned {type(tensor).__name__}, not a tensor", False, None
+                return f"its transform returned {type(tensor).__name__}, not a tensor", None, None
             shape, dtype = tuple(tensor.shape), tensor.dtype
         if target.shard_id is not None and getattr(dest, "weight_loader", None) is None:
             return (f"shard id {target.shard_id!r} given but {kind} {name!r} has no "
-                    f"weight_loader(param, tensor, shard_id)"), False, None
+                    f"weight_loader(param, tensor, shard_id)"), None, None
         if not castable(dtype, dest.dtype, kind):
-            return f"dtype {dtype} cannot be cast to {kind} {name!r} ({dest.dtype}) without losing values", False, None
+            return f"dtype {dtype} cannot be cast to {kind} {name!r} ({dest.dtype}) without losing values", None, None
+        if tensor is None and getattr(dest, "weight_destination", None) is not None:
+            problem, layout = _declared_layout(dest, name, record, target.shard_id)
+            if problem is not None or layout is not None:
+                return problem, layout, None
         if target.shard_id is None and whole_tensor_loader(dest) is None:
             if shape != tuple(dest.shape):
-                return f"shape {list(shape)} does not fit {kind} {name!r} of shape {list(dest.shape)}", False, None
-            return None, tensor is None and dtype == dest.dtype, None
+                return f"shape {list(shape)} does not fit {kind} {name!r} of shape {list(dest.shape)}", None, None
+            return None, (Layout(0, tuple((0, n) for n in shape)) if tensor is None else None), None
         twin = nn.Parameter(torch.empty_like(dest, device="meta"), requires_grad=False)
         try:
             if tensor is None:  # a dry-run view where the loader takes one, so its slicing is checked too
@@ -446,8 +487,8 @@ class _Planner:
             with self.guard():
                 load_into(dest, twin, tensor, target.shard_id)
         except Exception as exc:
-            return None, False, f"its weight_loader cannot run on meta tensors ({type(exc).__name__}: {exc})"
-        return None, False, None
+            return None, None, f"its weight_loader cannot run on meta tensors ({type(exc).__name__}: {exc})"
+        return None, None, None
 
     def plan(self, path: Path, open_files: OpenFiles) -> LoadPlan:
         started = time.perf_counter()
@@ -461,7 +502,7 @@ class _Planner:
         undeclared_loaders = 0
         model_name = type(self.model).__qualname__
         for record in _records(files, open_files):
-            plain = watched = False
+            layout, watched = None, False
             target, rule, note = self.resolve(record.name)
             base = (record.name, record.file.name, record.shape, _DTYPE_NAMES[record.dtype])
             if target is not None and target.note:
@@ -481,7 +522,7 @@ class _Planner:
                 watched = True
                 undeclared_loaders += not target.covers
             else:
-                problem, plain, deferral = self.check(record, target)
+                problem, layout, deferral = self.check(record, target)
                 key = self.dests.tie_keys.get(target.name)
                 if problem is None:
                     if target.shard_id is None and key in whole_writers:
@@ -500,7 +541,7 @@ class _Planner:
                 else:
                     placement = TensorPlacement(*base, "rejected", target.name, rule, target.shard_id, problem)
                     report.add_problem("rejected", f"tensor {record.name!r} in {record.file.name}: {problem}")
-            items.append(Planned(record, placement, target, plain, watched))
+            items.append(Planned(record, placement, target, layout, watched))
         report.placements = [item.placement for item in items]
         unwritten = self.unwritten(written, covered)
         pending: list[str] = []

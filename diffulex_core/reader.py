@@ -1,9 +1,12 @@
 """Moving tensor bytes from files into memory: ``os.preadv`` straight into destination storage.
 
-Large tensors are read in chunks directly into the parameter's memory (no staging copy, no
-memory map, so peak RSS stays at the model's size); runs of small neighbouring tensors are read
-with one call into a bounded staging buffer and copied out, so per-tensor cost stays low.
-Reads run on a few threads: ``preadv`` and ``memmove`` release the GIL.
+A run of neighbouring tensors in a file is read with one ``preadv`` whose buffers are the
+destinations themselves (up to ``IOV_MAX`` of them; a small gap between two tensors lands in a
+scratch buffer), so a run of small tensors costs one system call and no copy. Large tensors are
+read in chunks, so threads can share them. A destination of another dtype (a bf16 checkpoint
+into float32 parameters) is read in bounded chunks into a per-thread staging buffer and cast
+into place by ``Tensor.copy_``. Work is spread over a few threads by bytes: ``preadv`` and the
+cast copies release the GIL. There is no memory map, so peak RSS stays at the model's size.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple
 
+import torch
+
 from .errors import LoadApplyError
 
-__all__ = ["DirectRead", "read_direct", "read_exact"]
+__all__ = ["CastRead", "DirectRead", "read_direct", "read_exact", "readv_exact"]
 
 CHUNK_BYTES = 16 * 1024**2  # a large tensor is read in pieces of this size, so threads can share it
-SMALL_BYTES = 64 * 1024  # tensors below this are batched with their neighbours through a staging buffer
-BATCH_BYTES = 16 * 1024**2  # the most one staged read covers (the staging buffer's size)
+BATCH_BYTES = 16 * 1024**2  # the most one batched preadv covers
+CAST_CHUNK_BYTES = 4 * 1024**2  # source bytes cast at once (the per-thread staging buffer's size)
 TASK_BYTES = 16 * 1024**2  # work handed to a thread at once: fewer, larger tasks keep overhead low
-MAX_GAP = 64 * 1024  # skipped bytes between batched tensors that are read rather than split on
+MAX_GAP = 64 * 1024  # skipped bytes between batched reads that are read into scratch rather than split on
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class DirectRead(NamedTuple):
@@ -39,104 +45,154 @@ class DirectRead(NamedTuple):
     name: str
 
 
+class CastRead(NamedTuple):
+    """Read ``nbytes`` at ``start`` of ``file`` as ``dtype`` and cast them into ``dest`` (a
+    contiguous 1-D tensor of ``nbytes / dtype.itemsize`` elements, kept alive by the caller)."""
+
+    file: Path
+    start: int
+    nbytes: int
+    dtype: torch.dtype
+    dest: torch.Tensor
+    name: str
+
+
 def read_exact(fd: int, buffer: memoryview, offset: int, what: str) -> None:
     """Fill ``buffer`` from ``offset`` of ``fd``; a short file or an I/O error is a ``LoadApplyError`` naming ``what``."""
-    done, size = 0, len(buffer)
-    while done < size:
+    readv_exact(fd, [buffer], offset, what)
+
+
+def readv_exact(fd: int, buffers: list[memoryview], offset: int, what: str) -> None:
+    """Fill ``buffers`` in order from ``offset`` of ``fd`` (``preadv`` may stop short: go on from there)."""
+    pending = [b for b in buffers if len(b)]
+    while pending:
         try:
-            n = os.preadv(fd, [buffer[done:]], offset + done)
+            n = os.preadv(fd, pending[:IOV_MAX], offset)
         except OSError as exc:
             raise LoadApplyError(f"{what}: reading failed ({exc.strerror or exc})") from exc
         if n <= 0:
             raise LoadApplyError(f"{what}: the file ended before the tensor did; was it changed during the load?")
-        done += n
+        offset += n
+        while n and pending:
+            first = pending[0]
+            if n >= len(first):
+                n -= len(first)
+                pending.pop(0)
+            else:
+                pending[0] = first[n:]
+                n = 0
 
 
 def _memory(address: int, nbytes: int) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
 
-class _Staging(threading.local):
+class _Scratch(threading.local):
     buffer: bytearray | None = None
 
     def get(self, nbytes: int) -> memoryview:
         if self.buffer is None or len(self.buffer) < nbytes:
-            self.buffer = bytearray(nbytes)  # grows to the largest run seen, at most BATCH_BYTES
+            self.buffer = bytearray(nbytes)  # grows to the largest gap or cast chunk seen, bounded
         return memoryview(self.buffer)[:nbytes]
 
 
-class _Op(NamedTuple):
-    """One ``preadv``: into a tensor's memory (``members`` is one read) or into staging, then copied out."""
+class _Batch(NamedTuple):
+    """One ``preadv`` from ``offset``: ``parts`` are the destination reads in file order."""
 
     file: Path
     offset: int
     nbytes: int
-    members: tuple[DirectRead, ...]
-    staged: bool
+    parts: tuple[DirectRead, ...]
 
 
-def _ops(reads: list[DirectRead]) -> list[_Op]:
-    """Chunks of large tensors, and runs of small neighbouring ones, in file order."""
-    ops: list[_Op] = []
+class _Cast(NamedTuple):
+    read: CastRead
+    first: int  # element range of ``read`` this op casts
+    count: int
+
+
+def _batches(reads: list[DirectRead]) -> list[_Batch]:
+    """Chunks of large reads, and runs of neighbouring small ones, in file order."""
+    ops: list[_Batch] = []
     run: list[DirectRead] = []
+    iovecs = 0  # buffers the run's preadv will take: one per read, one per gap
 
     def flush() -> None:
+        nonlocal iovecs
         if run:
             start = run[0].start
-            ops.append(_Op(run[0].file, start, run[-1].start + run[-1].nbytes - start, tuple(run), len(run) > 1))
+            ops.append(_Batch(run[0].file, start, run[-1].start + run[-1].nbytes - start, tuple(run)))
             run.clear()
+        iovecs = 0
 
     for read in sorted(reads, key=lambda r: (str(r.file), r.start)):
         if read.nbytes == 0:  # an empty tensor: nothing to move (and its address may be 0)
             continue
-        if read.nbytes >= SMALL_BYTES:
-            flush()
-            for offset in range(0, read.nbytes, CHUNK_BYTES):
-                piece = read._replace(start=read.start + offset, address=read.address + offset,
-                                      nbytes=min(CHUNK_BYTES, read.nbytes - offset))
-                ops.append(_Op(read.file, piece.start, piece.nbytes, (piece,), False))
-            continue
-        if run and (read.file is not run[0].file or read.start - (run[-1].start + run[-1].nbytes) > MAX_GAP
-                    or read.start + read.nbytes - run[0].start > BATCH_BYTES):
-            flush()
-        run.append(read)
+        for offset in range(0, read.nbytes, CHUNK_BYTES):
+            piece = read if read.nbytes <= CHUNK_BYTES else read._replace(
+                start=read.start + offset, address=read.address + offset, nbytes=min(CHUNK_BYTES, read.nbytes - offset))
+            gap = piece.start - (run[-1].start + run[-1].nbytes) if run else 0
+            if run and (piece.file is not run[0].file or gap > MAX_GAP or gap < 0  # overlapping source: its own call
+                        or piece.start + piece.nbytes - run[0].start > BATCH_BYTES or iovecs + 2 > IOV_MAX):
+                flush()
+                gap = 0
+            iovecs += 1 + (gap > 0)
+            run.append(piece)
     flush()
     return ops
 
 
-def _tasks(ops: list[_Op]) -> list[list[_Op]]:
+def _casts(reads: list[CastRead]) -> list[_Cast]:
+    ops = []
+    for read in reads:
+        size = read.dtype.itemsize
+        per = max(1, CAST_CHUNK_BYTES // size)
+        total = read.nbytes // size
+        ops += [_Cast(read, first, min(per, total - first)) for first in range(0, total, per)]
+    return ops
+
+
+def _tasks(ops: list) -> list[list]:
     """Consecutive ops grouped into tasks of about ``TASK_BYTES``, one thread's unit of work."""
-    tasks: list[list[_Op]] = []
+    tasks: list[list] = []
     size = TASK_BYTES
     for op in ops:
         if size >= TASK_BYTES:
             tasks.append([])
             size = 0
         tasks[-1].append(op)
-        size += op.nbytes
+        size += op.nbytes if isinstance(op, _Batch) else op.count * op.read.dtype.itemsize
     return tasks
 
 
-def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, threads: int | None = None,
-                on_progress: Callable[[int], None] | None = None) -> None:
+def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, casts: list[CastRead] = (),
+                threads: int | None = None, on_progress: Callable[[int], None] | None = None) -> None:
     """Perform every read through the open descriptors ``fds`` (file -> fd, owned by the caller);
     ``on_progress(nbytes)`` is called from this thread as tasks finish."""
-    tasks = _tasks(_ops(reads))
-    staging = _Staging()
+    tasks = _tasks([*_batches(reads), *_casts(list(casts))])
+    scratch = _Scratch()
 
-    def run(task: list[_Op]) -> int:
+    def run(task: list) -> int:
         done = 0
         for op in task:
-            first = op.members[0]
-            if not op.staged:  # straight into the tensor's own memory
-                read_exact(fds[op.file], _memory(first.address, op.nbytes), op.offset, f"{op.file}: tensor {first.name!r}")
+            if isinstance(op, _Batch):
+                buffers, end = [], op.offset
+                for part in op.parts:
+                    if part.start > end:  # a gap: read it into scratch rather than make another call
+                        buffers.append(scratch.get(part.start - end))
+                    buffers.append(_memory(part.address, part.nbytes))
+                    end = part.start + part.nbytes
+                first, last = op.parts[0].name, op.parts[-1].name
+                readv_exact(fds[op.file], buffers, op.offset,
+                            f"{op.file}: tensor {first!r}" + (f"..{last!r}" if last != first else ""))
+                done += sum(part.nbytes for part in op.parts)
             else:
-                buffer = staging.get(op.nbytes)
-                read_exact(fds[op.file], buffer, op.offset, f"{op.file}: tensors {first.name!r}..{op.members[-1].name!r}")
-                base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-                for member in op.members:
-                    ctypes.memmove(member.address, base + member.start - op.offset, member.nbytes)
-            done += sum(member.nbytes for member in op.members)
+                read, size = op.read, op.read.dtype.itemsize
+                staging = scratch.get(op.count * size)
+                read_exact(fds[read.file], staging, read.start + op.first * size, f"{read.file}: tensor {read.name!r}")
+                source = torch.frombuffer(staging, dtype=read.dtype, count=op.count)
+                read.dest.narrow(0, op.first, op.count).copy_(source)
+                done += op.count * size
         return done
 
     workers = min(threads or os.cpu_count() or 1, len(tasks))

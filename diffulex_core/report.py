@@ -60,6 +60,7 @@ class LoadReport:
     bytes_read: int = 0
     plan_seconds: float = 0.0
     apply_seconds: float = 0.0
+    read_paths: dict[str, dict[str, float]] = field(default_factory=dict)
     parallel: dict[str, int] = field(default_factory=lambda: {"tp_rank": 0, "tp_size": 1, "ep_rank": 0, "ep_size": 1})
 
     def add_problem(self, kind: str, text: str) -> None:
@@ -111,5 +112,6 @@ class LoadReport:
             "written_by_loaders": self.written_by_loaders, "notes": self.notes,
             "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
             "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s, "parallel": dict(self.parallel),
+            "read_paths": self.read_paths,
             "tensors": [p.to_dict() for p in self.placements],
         }

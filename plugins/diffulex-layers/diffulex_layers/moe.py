@@ -10,6 +10,7 @@ others, so their bytes are never read.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diffulex_core.checkpoint import LoadContext, ResolvedWeight
+from diffulex_core.checkpoint import LoadContext, ResolvedWeight, WeightDestination
 from diffulex_core.parallel import current_parallel_state, divide
 
 from .parallel import GroupRef, ReplicatedLinear, check_loaded_shape, takes_checkpoint_slices
@@ -64,7 +65,9 @@ class StackedExperts(nn.Module):
 
     def _attach_loaders(self) -> None:
         self.gate_up_proj.weight_loader = self.load_gate_up
+        self.gate_up_proj.weight_destination = self.gate_up_destination
         self.down_proj.weight_loader = self.load_down
+        self.down_proj.weight_destination = self.down_destination
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # to_empty() makes new Parameters
         result = super()._apply(fn, *args, **kwargs)
@@ -99,31 +102,37 @@ class StackedExperts(nn.Module):
             return shard_id
         raise ValueError(f"unknown expert shard id {shard_id!r}; expected a local expert 0..{self.num_local_experts - 1}")
 
-    @takes_checkpoint_slices
-    def load_gate_up(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
-        """``shard_id=(local expert, 0 gate | 1 up)`` places one [I, H] tensor; without it, a
-        stacked [E, 2I, H] tensor, of which this rank takes its experts."""
+    def gate_up_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                            shard_id: Any = None) -> WeightDestination:
+        """``shard_id=(local expert, 0 gate | 1 up)``: one [I, H] tensor into its rows of the slot;
+        without it, a stacked [E, 2I, H] tensor, of which this rank takes its experts."""
         if shard_id is None:
-            check_loaded_shape("experts.gate_up_proj", (self.num_experts, *param.shape[1:]), loaded_weight)
-            param.data.copy_(loaded_weight.narrow(0, self.expert_start, self.num_local_experts))
-            return
+            check_loaded_shape("experts.gate_up_proj", (self.num_experts, *param.shape[1:]), loaded_shape)
+            return WeightDestination(param.data, ((0, self.expert_start, self.num_local_experts),))
         if not (isinstance(shard_id, tuple) and len(shard_id) == 2 and shard_id[1] in (0, 1)):
             raise ValueError(f"unknown gate_up_proj shard id {shard_id!r}; expected (local expert, 0 or 1)")
         local, half = self._local_expert(shard_id[0]), shard_id[1]
         name = "gate_proj" if half == 0 else "up_proj"
-        check_loaded_shape(f"expert {self.expert_start + local} {name}", (self.inter, self.hidden), loaded_weight)
-        param.data.select(0, local).narrow(0, half * self.inter, self.inter).copy_(loaded_weight)
+        check_loaded_shape(f"expert {self.expert_start + local} {name}", (self.inter, self.hidden), loaded_shape)
+        return WeightDestination(param.data.select(0, local).narrow(0, half * self.inter, self.inter))
+
+    def down_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                         shard_id: Any = None) -> WeightDestination:
+        """``shard_id=local expert``: one [H, I] tensor into its slot; without it, a stacked [E, H, I] one."""
+        if shard_id is None:
+            check_loaded_shape("experts.down_proj", (self.num_experts, *param.shape[1:]), loaded_shape)
+            return WeightDestination(param.data, ((0, self.expert_start, self.num_local_experts),))
+        local = self._local_expert(shard_id)
+        check_loaded_shape(f"expert {self.expert_start + local} down_proj", (self.hidden, self.inter), loaded_shape)
+        return WeightDestination(param.data.select(0, local))
+
+    @takes_checkpoint_slices
+    def load_gate_up(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
+        self.gate_up_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
 
     @takes_checkpoint_slices
     def load_down(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
-        """``shard_id=local expert`` places one [H, I] tensor; without it, a stacked [E, H, I] one."""
-        if shard_id is None:
-            check_loaded_shape("experts.down_proj", (self.num_experts, *param.shape[1:]), loaded_weight)
-            param.data.copy_(loaded_weight.narrow(0, self.expert_start, self.num_local_experts))
-            return
-        local = self._local_expert(shard_id)
-        check_loaded_shape(f"expert {self.expert_start + local} down_proj", (self.hidden, self.inter), loaded_weight)
-        param.data.select(0, local).copy_(loaded_weight)
+        self.down_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
 
     def forward(self, hidden: torch.Tensor, top_index: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         """hidden [N, H], top_index/top_weights [N, k] -> sum of the routed experts' outputs [N, H]."""

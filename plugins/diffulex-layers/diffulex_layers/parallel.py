@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from diffulex_core.checkpoint import WeightDestination
 from diffulex_core.checkpoint_slice import takes_checkpoint_slices
 from diffulex_core.errors import ParallelConfigError
 from diffulex_core.parallel import ParallelState, current_parallel_state, divide
@@ -49,11 +50,11 @@ __all__ = [
 ]
 
 
-def check_loaded_shape(what: str, expected: Sequence[int], loaded: Any) -> None:
+def check_loaded_shape(what: str, expected: Sequence[int], loaded_shape: Sequence[int]) -> None:
     """A ``ValueError`` naming expected vs got, before anything is written."""
-    if tuple(loaded.shape) != tuple(expected):
+    if tuple(loaded_shape) != tuple(expected):
         raise ValueError(f"{what}: expected a checkpoint tensor of shape {tuple(expected)} "
-                         f"but loaded weight has shape {tuple(loaded.shape)}")
+                         f"but loaded weight has shape {tuple(loaded_shape)}")
 
 
 class _KeepsWeightLoaders:
@@ -63,6 +64,16 @@ class _KeepsWeightLoaders:
     def _attach_loaders(self) -> None:
         for param in self.parameters(recurse=False):  # type: ignore[attr-defined]
             param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+            param.weight_destination = self.weight_destination  # type: ignore[attr-defined]
+
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+        raise NotImplementedError
+
+    @takes_checkpoint_slices
+    def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
+        """Copy this rank's part of ``loaded_weight`` (a tensor or a ``CheckpointSlice``) where
+        ``weight_destination`` says: the loader and the declaration cannot disagree."""
+        self.weight_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
@@ -120,10 +131,10 @@ class ReplicatedLinear(_ParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias, current_parallel_state(), None)
 
-    @takes_checkpoint_slices
-    def weight_loader(self, param: nn.Parameter, loaded_weight: Any) -> None:
-        check_loaded_shape(type(self).__name__, param.shape, loaded_weight)
-        param.data.copy_(loaded_weight)
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+        _no_shard_id(self, shard_id)
+        check_loaded_shape(type(self).__name__, param.shape, loaded_shape)
+        return WeightDestination(param.data)
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -135,11 +146,11 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, local, bias, state, 0)
         self.output_size = out_features
 
-    @takes_checkpoint_slices
-    def weight_loader(self, param: nn.Parameter, loaded_weight: Any) -> None:
-        check_loaded_shape(type(self).__name__, (self.output_size, *param.shape[1:]), loaded_weight)
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+        _no_shard_id(self, shard_id)
+        check_loaded_shape(type(self).__name__, (self.output_size, *param.shape[1:]), loaded_shape)
         size = param.shape[0]
-        param.data.copy_(loaded_weight.narrow(0, self.tp_rank * size, size))
+        return WeightDestination(param.data, ((0, self.tp_rank * size, size),))
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -152,15 +163,14 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(local, out_features, bias, state, 1)
         self.input_size = in_features
 
-    @takes_checkpoint_slices
-    def weight_loader(self, param: nn.Parameter, loaded_weight: Any) -> None:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+        _no_shard_id(self, shard_id)
         if param.dim() == 1:  # the bias is replicated
-            check_loaded_shape(f"{type(self).__name__} bias", param.shape, loaded_weight)
-            param.data.copy_(loaded_weight)
-            return
-        check_loaded_shape(type(self).__name__, (param.shape[0], self.input_size), loaded_weight)
+            check_loaded_shape(f"{type(self).__name__} bias", param.shape, loaded_shape)
+            return WeightDestination(param.data)
+        check_loaded_shape(type(self).__name__, (param.shape[0], self.input_size), loaded_shape)
         size = param.shape[1]
-        param.data.copy_(loaded_weight.narrow(1, self.tp_rank * size, size))
+        return WeightDestination(param.data, ((1, self.tp_rank * size, size),))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -176,6 +186,11 @@ class Shard(NamedTuple):
     full: int  # rows of the checkpoint tensor
     start: int  # first of this rank's rows in it
     size: int  # rows this rank holds
+
+
+def _no_shard_id(layer: nn.Module, shard_id: Any) -> None:
+    if shard_id is not None:
+        raise ValueError(f"{type(layer).__name__} takes whole checkpoint tensors, not shard id {shard_id!r}")
 
 
 def _even_shard(full: int, state: ParallelState, what: str) -> Shard:
@@ -201,13 +216,22 @@ class PackedLinear(_ParallelLinear):
             self.shard_slices[shard_id] = (start, shard.size)
             start += shard.size
 
-    @takes_checkpoint_slices
-    def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any) -> None:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+        if shard_id is None:  # an engine-format checkpoint stores the packed tensor whole
+            if self.tp_size > 1:
+                raise ValueError(f"a whole packed tensor cannot be split for tensor-parallel rank {self.tp_rank} of "
+                                 f"{self.tp_size}; the checkpoint must store each shard ({list(self.shards)}) on its own")
+            check_loaded_shape(type(self).__name__, param.shape, loaded_shape)
+            return WeightDestination(param.data)
         if shard_id not in self.shard_slices:
             raise ValueError(f"unknown shard id {shard_id!r}; expected one of {list(self.shard_slices)}")
         shard, (start, size) = self.shards[shard_id], self.shard_slices[shard_id]
-        check_loaded_shape(f"shard {shard_id!r}", (shard.full, *param.shape[1:]), loaded_weight)
-        param.data.narrow(0, start, size).copy_(loaded_weight.narrow(0, shard.start, size))
+        check_loaded_shape(f"shard {shard_id!r}", (shard.full, *param.shape[1:]), loaded_shape)
+        return WeightDestination(param.data.narrow(0, start, size), ((0, shard.start, size),))
+
+    @takes_checkpoint_slices
+    def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any) -> None:  # a shard id is required
+        self.weight_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
 
 
 class MergedColumnParallelLinear(PackedLinear):
@@ -272,13 +296,23 @@ class _VocabRows(_TensorParallel, _KeepsWeightLoaders):
             self.weight.narrow(0, shard.real, shard.size - shard.real).zero_()
         self._attach_loaders()
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super()._apply(fn, *args, **kwargs)
+        with torch.no_grad():  # to_empty() leaves garbage: padding rows are zero after every move
+            self.weight.narrow(0, self.shard.real, self.shard.size - self.shard.real).zero_()
+        return result
+
     @takes_checkpoint_slices
-    def weight_loader(self, param: nn.Parameter, loaded_weight: Any) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any = None) -> None:
+        self.weight_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
+        param.data.narrow(0, self.shard.real, self.shard.size - self.shard.real).zero_()
+
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+        """The real rows; the padding rows are zeroed whenever the weight is made or moved."""
+        _no_shard_id(self, shard_id)
         shard = self.shard
-        check_loaded_shape("vocabulary-parallel weight", (shard.vocab, *param.shape[1:]), loaded_weight)
-        if shard.real:
-            param.data.narrow(0, 0, shard.real).copy_(loaded_weight.narrow(0, shard.start, shard.real))
-        param.data.narrow(0, shard.real, shard.size - shard.real).zero_()  # padding rows stay zero
+        check_loaded_shape("vocabulary-parallel weight", (shard.vocab, *param.shape[1:]), loaded_shape)
+        return WeightDestination(param.data.narrow(0, 0, shard.real), ((0, shard.start, shard.real),))
 
 
 class VocabParallelEmbedding(_VocabRows, nn.Embedding):

@@ -130,7 +130,8 @@ def test_vocab_is_padded_and_padding_rows_stay_zero():
             with torch.device("meta"), use_parallel_state(simulated(rank, tp)):
                 layer = cls(11, 4)
             layer.to_empty(device="cpu")
-            layer.weight.data.fill_(float("nan"))  # garbage, as to_empty leaves it
+            assert not layer.weight[layer.shard.real:].any()  # to_empty's garbage is zeroed in padding rows
+            layer.weight.data.fill_(float("nan"))  # garbage
             load(layer.weight, weight)
             shards.append(layer.weight.data)
             assert (layer.shard.start, layer.shard.size, layer.shard.padded) == (3 * rank, 3, 12)
