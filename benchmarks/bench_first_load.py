@@ -57,7 +57,6 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -70,53 +69,17 @@ STEPS = ("import_torch", "import_lib", "discovery", "build", "plan", "apply")
 # --------------------------------------------------------------------------- child (fresh process)
 
 
-def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Names -> (shape, safetensors dtype) from the header, in file order (stdlib only)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    return {name: (tuple(info["shape"]), info["dtype"]) for name, info in items}
-
-
 def build_holder(path: Path):
     """bench_load.Holder: an nn.Module tree whose parameters carry exactly the checkpoint's names."""
-    import torch
-    from torch import nn
+    from named_model import build_named_model, raw_header_specs  # stdlib until a model is built
 
-    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    root = nn.Module()
-    modules: dict[str, nn.Module] = {"": root}
-    for name, (shape, dtype) in header_specs(path).items():
-        *parts, leaf = name.split(".")
-        parent, prefix = root, ""
-        for part in parts:
-            prefix = f"{prefix}.{part}" if prefix else part
-            child = modules.get(prefix)
-            if child is None:
-                child = modules[prefix] = nn.Module()
-                setattr(parent, part, child)
-            parent = child
-        setattr(parent, leaf, nn.Parameter(torch.zeros(shape, dtype=dtypes[dtype]), requires_grad=False))
-    return root
+    return build_named_model(raw_header_specs(path))
 
 
 def verify(model, path: Path, samples: int = 64) -> int:
-    import torch
-    from safetensors import safe_open
+    from named_model import verify_against_file
 
-    params = dict(model.named_parameters())
-    with safe_open(str(path), "pt") as f:
-        names = list(f.keys())
-        picks = sorted({0, len(names) - 1, *range(0, len(names), max(1, len(names) // samples))})
-        for i in picks:
-            expected = f.get_tensor(names[i])
-            if not torch.any(expected != 0):
-                raise SystemExit(f"verify: file tensor {names[i]!r} is all zeros; the check would prove nothing")
-            if not torch.equal(params[names[i]], expected):
-                raise SystemExit(f"verify: parameter {names[i]!r} differs from the checkpoint after loading")
-    return len(picks)
+    return verify_against_file(model, path, "verify", samples)
 
 
 def child(contender: str, path: Path, check: bool, profile: int) -> None:

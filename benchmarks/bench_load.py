@@ -76,6 +76,9 @@ from torch import nn
 
 from diffulex_core import hookimpl
 
+sys.path.insert(0, str(Path(__file__).parent))
+from named_model import build_named_model, raw_header_specs, verify_against_file  # noqa: E402
+
 GIB = 1024**3
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
 
@@ -186,12 +189,7 @@ def fsync(path: Path) -> None:
 
 def header_specs(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes from a safetensors header (in file order)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    return {name: (tuple(info["shape"]), DTYPES[info["dtype"]]) for name, info in items}
+    return {name: (shape, DTYPES[dtype]) for name, (shape, dtype) in raw_header_specs(path).items()}
 
 
 def data_offset(path: Path) -> int:
@@ -219,23 +217,9 @@ def warm_page_cache(path: Path) -> None:
 # --------------------------------------------------------------------------- model
 
 
-class Holder(nn.Module):
+def Holder(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device=None) -> nn.Module:  # noqa: N802
     """An nn.Module tree whose parameters carry exactly the checkpoint's dotted names."""
-
-    def __init__(self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device=None) -> None:
-        super().__init__()
-        modules: dict[str, nn.Module] = {"": self}
-        for name, (shape, dtype) in specs.items():
-            *path, leaf = name.split(".")
-            parent, prefix = self, ""
-            for part in path:
-                prefix = f"{prefix}.{part}" if prefix else part
-                child = modules.get(prefix)
-                if child is None:
-                    child = modules[prefix] = nn.Module()
-                    setattr(parent, part, child)
-                parent = child
-            setattr(parent, leaf, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False))
+    return build_named_model(specs, device)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -275,17 +259,8 @@ APPROACHES = {"naive": load_naive, "loader": load_loader}
 
 def verify(model: nn.Module, path: Path, label: str, samples: int = 32) -> None:
     """Compare first, last and evenly spaced parameters with the file's tensors."""
-    params = dict(model.named_parameters())
-    with safe_open(str(path), "pt") as f:
-        names = list(f.keys())
-        picks = sorted({0, len(names) - 1, *range(0, len(names), max(1, len(names) // samples))})
-        for i in picks:
-            expected = f.get_tensor(names[i])
-            if not torch.any(expected != 0):
-                raise SystemExit(f"{label}: file tensor {names[i]!r} is all zeros; the check would prove nothing")
-            if not torch.equal(params[names[i]].detach().cpu(), expected):
-                raise SystemExit(f"{label}: parameter {names[i]!r} differs from the checkpoint after loading")
-    print(f"  verified {label}: {len(picks)} parameters equal to the file", flush=True)
+    checked = verify_against_file(model, path, label, samples)
+    print(f"  verified {label}: {checked} parameters equal to the file", flush=True)
 
 
 def timed(fn, *args) -> tuple[float, object]:

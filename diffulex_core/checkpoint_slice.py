@@ -43,9 +43,12 @@ def accepts_checkpoint_slice(weight_loader: Any) -> bool:
     return getattr(weight_loader, ATTRIBUTE, False) is True
 
 
-def byte_runs(record: TensorRecord, ranges: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+def byte_runs(record: TensorRecord, ranges: tuple[tuple[int, int], ...] | None) -> list[tuple[int, int]]:
     """(file offset, bytes) of each contiguous piece of ``record`` limited to ``ranges`` (one
-    ``(start, length)`` per dimension), in C order: one piece for rows, one per row for columns."""
+    ``(start, length)`` per dimension, None for all of it), in C order: one piece for rows, one
+    per row for columns."""
+    if ranges is None:
+        return [(record.start, record.nbytes)]
     if any(length == 0 for _, length in ranges):
         return []
     item = record.dtype.itemsize

@@ -112,10 +112,14 @@ def castable(src: torch.dtype, dst: torch.dtype, kind: str) -> bool:
 
 class Layout(NamedTuple):
     """Where a checkpoint tensor's bytes go: the part ``ranges`` of it (``(start, length)`` per
-    dimension, C order) fills the contiguous elements of the destination from ``offset``."""
+    dimension, C order; None: all of it) fills the contiguous elements of the destination from
+    ``offset``."""
 
     offset: int
-    ranges: tuple[tuple[int, int], ...]
+    ranges: tuple[tuple[int, int], ...] | None
+
+
+WHOLE = Layout(0, None)  # a plain copy: the whole tensor into the whole destination
 
 
 def _declared_layout(dest: torch.Tensor, name: str, record: TensorRecord,
@@ -478,7 +482,7 @@ class _Planner:
         if target.shard_id is None and whole_tensor_loader(dest) is None:
             if shape != tuple(dest.shape):
                 return f"shape {list(shape)} does not fit {kind} {name!r} of shape {list(dest.shape)}", None, None
-            return None, (Layout(0, tuple((0, n) for n in shape)) if tensor is None else None), None
+            return None, (WHOLE if tensor is None else None), None
         twin = nn.Parameter(torch.empty_like(dest, device="meta"), requires_grad=False)
         try:
             if tensor is None:  # a dry-run view where the loader takes one, so its slicing is checked too

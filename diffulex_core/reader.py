@@ -89,11 +89,20 @@ def _memory(address: int, nbytes: int) -> memoryview:
 
 class _Scratch(threading.local):
     buffer: bytearray | None = None
+    staging: torch.Tensor | None = None
+    staging_view: memoryview | None = None
 
     def get(self, nbytes: int) -> memoryview:
         if self.buffer is None or len(self.buffer) < nbytes:
-            self.buffer = bytearray(nbytes)  # grows to the largest gap or cast chunk seen, bounded
+            self.buffer = bytearray(nbytes)  # grows to the largest gap seen, at most MAX_GAP
         return memoryview(self.buffer)[:nbytes]
+
+    def cast_staging(self) -> tuple[torch.Tensor, memoryview]:
+        """This thread's cast buffer (``CAST_CHUNK_BYTES``), as a tensor and as memory to read into."""
+        if self.staging is None or self.staging.numel() < CAST_CHUNK_BYTES:
+            self.staging = torch.empty(CAST_CHUNK_BYTES, dtype=torch.uint8)
+            self.staging_view = memoryview(self.staging.numpy()).cast("B")
+        return self.staging, self.staging_view
 
 
 class _Batch(NamedTuple):
@@ -188,11 +197,11 @@ def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, casts: list
                 done += sum(part.nbytes for part in op.parts)
             else:
                 read, size = op.read, op.read.dtype.itemsize
-                staging = scratch.get(op.count * size)
-                read_exact(fds[read.file], staging, read.start + op.first * size, f"{read.file}: tensor {read.name!r}")
-                source = torch.frombuffer(staging, dtype=read.dtype, count=op.count)
-                read.dest.narrow(0, op.first, op.count).copy_(source)
-                done += op.count * size
+                nbytes = op.count * size  # read while it fits in cache, then cast from there
+                staging, memory = scratch.cast_staging()
+                read_exact(fds[read.file], memory[:nbytes], read.start + op.first * size, f"{read.file}: tensor {read.name!r}")
+                read.dest.narrow(0, op.first, op.count).copy_(staging[:nbytes].view(read.dtype))
+                done += nbytes
         return done
 
     workers = min(threads or os.cpu_count() or 1, len(tasks))

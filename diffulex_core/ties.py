@@ -68,7 +68,9 @@ def materialize(model: nn.Module, device: Any) -> None:
     for group in (g for g in groups.values() if len(g) > 1):
         first_module, first_table, first_name, first_old = group[0]
         anchor = getattr(first_module, first_table)[first_name]
-        storage = torch.empty(first_old.untyped_storage().nbytes(), dtype=torch.uint8,
+        # zeros, not empty: rows no checkpoint tensor writes (a padded vocabulary's, which the
+        # layers zero when moved) must not come back as garbage through the re-tie
+        storage = torch.zeros(first_old.untyped_storage().nbytes(), dtype=torch.uint8,
                               device=anchor.device).untyped_storage()
         made: dict[int, torch.Tensor] = {}  # old object -> its new one, so shared objects stay shared
         for module, table, name, old in group:

@@ -21,10 +21,10 @@ def write(tmp_path, tensors):
 
 
 class Flat(nn.Module):
-    def __init__(self, shapes: dict, dtype: torch.dtype) -> None:
+    def __init__(self, shapes: dict, dtype: torch.dtype, requires_grad: bool = False) -> None:
         super().__init__()
         for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False))
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=requires_grad))
 
 
 @pytest.fixture
@@ -68,11 +68,12 @@ def test_skipped_tensors_between_are_read_into_scratch_not_split_on(tmp_path, pr
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_casts_are_exact_and_bounded(tmp_path, monkeypatch, threads):
-    monkeypatch.setattr(reader, "CAST_CHUNK_BYTES", 1000)  # many chunks per tensor, spread over threads
+    monkeypatch.setattr(reader, "CAST_CHUNK_BYTES", 1000)  # many chunks per tensor,
+    monkeypatch.setattr(reader, "TASK_BYTES", 4000)  # spread over threads
     torch.manual_seed(1)
     tensors = {"big": torch.randn(3001, 7).bfloat16(), "odd": torch.randn(333).bfloat16(), "empty": torch.zeros(0).bfloat16()}
-    model = Flat({name: t.shape for name, t in tensors.items()}, torch.float32)
-    report = load_checkpoint(model, write(tmp_path, tensors), threads=threads)
+    model = Flat({name: t.shape for name, t in tensors.items()}, torch.float32, requires_grad=True)  # as nn.Linear
+    report = load_checkpoint(model, write(tmp_path, tensors), threads=threads)  # casts run on reader threads
     for name, value in tensors.items():
         assert torch.equal(getattr(model, name), value.float()), name
     assert report.bytes_read == sum(t.numel() * 2 for t in tensors.values())
