@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -88,9 +89,8 @@ class ResolvedWeight:
 def _is_destination(value: Any) -> bool:
     if isinstance(value, str):
         return bool(value)
-    import torch  # only reached when a spec holds an object, so torch is already imported
-
-    return isinstance(value, torch.Tensor)
+    torch = sys.modules.get("torch")  # a tensor can only exist once torch is imported
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 class WeightDestination(NamedTuple):

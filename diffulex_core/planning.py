@@ -191,15 +191,20 @@ def ask_module_resolvers(resolver_at: Callable[[str], Callable | None], name: st
     ``resolver_at(prefix)`` gives the resolver of the module at ``prefix`` (``""``: the root), or
     None. Prefixes are asked most specific first, the tensor's own full name included.
     """
-    parts = name.split(".")
-    for cut in range(len(parts), -1, -1):
-        prefix = ".".join(parts[:cut])
+    cuts = [len(name)]  # prefix ends, most specific first: the name itself, each dot, the root
+    at = name.rfind(".")
+    while at >= 0:
+        cuts.append(at)
+        at = name.rfind(".", 0, at)
+    cuts.append(0)
+    for cut in cuts:
+        prefix = name[:cut]
         resolve = resolver_at(prefix)
         if resolve is None:
             continue
         where = prefix or "<root>"
         try:
-            spec = resolve(".".join(parts[cut:]), ctx)
+            spec = resolve(name[cut + 1:] if cut else name, ctx)
         except DiffulexError:
             raise
         except Exception as exc:
