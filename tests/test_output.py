@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import pytest
+from engine_request import Req
 
 from diffulex_core.output import EngineRequest, GenerationOutputs, decode_token_ids_robust
 
 MASK = 99
-
-
-@dataclass
-class Req:
-    """A minimal engine request: the attributes record_step reads (EngineRequest)."""
-
-    req_id: int
-    is_prefill: bool = False
-    num_prompt_tokens: int = 10
-    num_generated_tokens: int = 0
-    running_token_ids: list = field(default_factory=list)
-    block_size: int = 4
-    buffer_block_ids: list = field(default_factory=lambda: [0])
-    is_finished: bool = False
-    completion_reason: str | None = None
-    response_token_ids: list = field(default_factory=list)
-    eos_token_ids: tuple = (2,)
-    block_trace: list | None = None
 
 
 def approx(x):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import pytest
+from engine_request import Req
 
 from diffulex_core.output import GenerationOutputs, ReqStep, ReqTrajectory, decode_token_ids_robust
 
@@ -348,23 +349,6 @@ def test_block_status_none_is_written_as_diffulex_writes_it():
     out.record_step([req], 0.1)
     [block] = out.trajectories[0].trajectory[0].block_trace
     assert block["block_status"] == "None"  # str(None); "?" is only for a block without the attribute
-
-
-@dataclass
-class Req:
-    """This package's ``EngineRequest`` (as in test_output.py)."""
-
-    req_id: int
-    is_prefill: bool = False
-    num_prompt_tokens: int = 10
-    num_generated_tokens: int = 0
-    running_token_ids: list = field(default_factory=list)
-    block_size: int = 4
-    buffer_block_ids: list = field(default_factory=lambda: [0])
-    is_finished: bool = False
-    completion_reason: str | None = None
-    response_token_ids: list = field(default_factory=list)
-    eos_token_ids: tuple = (2,)
 
 
 def test_both_shapes_in_one_step():
