@@ -136,6 +136,10 @@ def _print_report(report, *, show_tensors: bool) -> None:
         print(f"note: {note}")
     for problem in report.problems:
         print(f"problem: {problem}")
+    for module, adapters in (report.lora.modules if report.lora is not None else {}).items():
+        for a in adapters:
+            shard = f" [shard {a['shard_id']!r}]" if a["shard_id"] is not None else ""
+            print(f"  lora {a['adapter']} -> {module}{shard}  r={a['r']} alpha={a['lora_alpha']:g} scaling={a['scaling']:.4g}")
     print(report.summary())
 
 
@@ -157,8 +161,14 @@ def cmd_load(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device, then load (materializing it on --device)."""
     from .errors import LoadPlanError
     from .loader import load_checkpoint
+    from .lora import prepare_lora
 
+    if args.merge and not args.lora:
+        print("diffulex: --merge needs --lora DIR", file=sys.stderr)
+        return 2
     model = _build(args.family, args.checkpoint, "meta", args.dtype)
+    # The adapter is checked (and its adapters added, on the meta device) before the base load.
+    prepared = prepare_lora(model, args.lora, merge=args.merge) if args.lora else None
     try:
         report = load_checkpoint(model, args.checkpoint, family=args.family, device=args.device, strict=not args.no_strict)
     except LoadPlanError as exc:
@@ -166,6 +176,8 @@ def cmd_load(args: argparse.Namespace) -> int:
             _print_json(exc.report.to_dict())
         print(f"diffulex: LoadPlanError: {exc}", file=sys.stderr)
         return 1
+    if prepared is not None:
+        report.lora = prepared.apply()
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -194,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where the parameters go (default: cpu)")
     p.add_argument("--dtype", help="parameter dtype, e.g. bfloat16 (default: the family's)")
     p.add_argument("--no-strict", action="store_true", help="load what fits and report the rest instead of failing")
+    p.add_argument("--lora", metavar="DIR", help="a PEFT LoRA adapter directory to load on top (checked first)")
+    p.add_argument("--merge", action="store_true", help="with --lora: merge the adapters into the weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_load)
     return parser

@@ -74,6 +74,31 @@ class WeightSpecError(LoadError, ValueError):
     """A ``ResolvedWeight`` or packed-module mapping is malformed."""
 
 
+class LoraError(LoadError):
+    """A LoRA adapter could not be loaded. Unless it says otherwise, no weight was changed and no
+    adapter was added to the model."""
+
+
+class LoraConfigError(LoraError, ValueError):
+    """``adapter_config.json`` is missing a directory, is not valid JSON, or asks for a feature
+    (DoRA, trained biases, ``modules_to_save``, ...) that diffulex-core does not implement."""
+
+
+class LoraAdapterError(LoraError):
+    """The adapter's tensors and the model or config disagree: tensors that match no module,
+    targeted modules without tensors, ranks or shapes that do not fit. ``problems`` lists each,
+    naming the adapter file, tensor and module."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+class LoraWarning(UserWarning):
+    """A LoRA load went on with a default the seed would use (no ``adapter_config.json``, an
+    empty ``lora_path``); the message says which."""
+
+
 class LoadWarning(UserWarning):
     """A seed-style load (``load_model``) went on past tensors nothing takes or parameters
     nothing writes, as Diffulex's loader does; the message lists them."""

@@ -27,6 +27,7 @@ from .packed_mapping import PackedMapping, merge_mappings
 from .parallel import ParallelState, agree, current_parallel_state
 from .planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
                        plan_checkpoint, plan_for_load, resolver_of)
+from .lora import enable_lora_for_model, load_lora_config, load_lora_weights, prepare_lora, warn_base_only
 from .report import LoadReport
 from .ties import materialize
 
@@ -40,6 +41,9 @@ __all__ = [
     "plan_checkpoint",
     "load_model",
     "LoadPlan",
+    "load_lora_config",
+    "enable_lora_for_model",
+    "load_lora_weights",
 ]
 
 log = logging.getLogger("diffulex_core.loader")
@@ -267,15 +271,44 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
     copy of what model code overwrites (a copy costs host memory and time per written byte, a lot
     for MoE experts): model code that fails part-way raises ``LoadApplyError`` naming what it had
     written. ``load_checkpoint`` is the all-or-nothing door.
+
+    With ``use_lora`` and a ``lora_path``, the adapter is read and checked against the model
+    before the base weights are loaded (``diffulex_core.lora``): any problem raises
+    ``LoraError`` and nothing was loaded; then the adapters are written (and merged with
+    ``pre_merge_lora``). ``use_lora`` with an empty ``lora_path`` loads the base model with a
+    ``LoraWarning``, as the seed does; a ``lora_path`` that does not exist is an error.
     """
-    if getattr(config, "use_lora", False):  # refuse before writing anything, never load base-only silently
-        raise LoadError(
-            f"use_lora=True (lora_path={getattr(config, 'lora_path', None)!r}): LoRA adapter loading is not "
-            f"available in this version of diffulex-core; nothing was loaded"
-        )
-    report = _load(model, config.model, family=getattr(config, "model_name", None), config=config, strict=False,
-                   device=None, progress=None, threads=None, fatal=("rejected",), rollback=False, parallel=None)
+    state = current_parallel_state()
+    prepared, lora_path = None, getattr(config, "lora_path", None)
+    if getattr(config, "use_lora", False):
+        if not lora_path:
+            warn_base_only(lora_path)
+        else:
+            error = None
+            try:
+                prepared = prepare_lora(model, lora_path, merge=bool(getattr(config, "pre_merge_lora", False)))
+            except Exception as exc:
+                if not state.distributed:
+                    raise
+                error = exc
+            if state.distributed:  # every rank checked the adapter; none goes on alone
+                try:
+                    agree(state, f"checking the LoRA adapter {lora_path}", error)
+                except BaseException:
+                    if prepared is not None:
+                        prepared.undo()
+                    raise
+    try:
+        report = _load(model, config.model, family=getattr(config, "model_name", None), config=config, strict=False,
+                       device=None, progress=None, threads=None, fatal=("rejected",), rollback=False, parallel=None)
+    except BaseException:
+        if prepared is not None:
+            prepared.undo()
+        raise
     model.diffulex_load_report = report
+    if prepared is not None:
+        report.lora = prepared.apply()
+        object.__setattr__(model, "diffulex_lora_report", report.lora)
     if report.problems:
         warnings.warn(problem_message(report, outcome="loaded the rest, as Diffulex's loader would "
                                                       "(model.diffulex_load_report has the details)"),

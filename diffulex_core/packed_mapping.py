@@ -121,3 +121,22 @@ class PackedMapping:
         segments, taken = self._matches(name)
         return [self._rewrite(name, segments[start:], [(s - start, e - start, k) for s, e, k in taken[i:]])
                 for i, (start, _, _) in enumerate(taken) if start > 0]
+
+    def sources(self, name: str, limit: int = 256) -> list[str]:
+        """Names that may rewrite to ``name``: each key's target replaced back by its key, in every
+        combination, ``name`` itself first. Candidates only: a caller keeps those whose ``map``
+        really gives ``name`` (LoRA targets are matched on checkpoint names, so the model's
+        module names are translated back to them)."""
+        entries = [(tuple(target.split(".")), key.split(".")) for key, (target, _) in self.mapping.items()]
+        found, seen = [name], {name}
+        for candidate in found:  # grows while iterated: a breadth-first walk over rewrites
+            segments = candidate.split(".")
+            for target, key in entries:
+                n = len(target)
+                for i in range(len(segments) - n + 1):
+                    if tuple(segments[i : i + n]) == target:
+                        new = ".".join([*segments[:i], *key, *segments[i + n :]])
+                        if new not in seen and len(found) < limit:
+                            seen.add(new)
+                            found.append(new)
+        return found

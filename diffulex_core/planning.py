@@ -388,6 +388,16 @@ def gc_paused():
             gc.enable()
 
 
+def model_packed_mapping(model: nn.Module, config: Any = None,
+                         extra: tuple[tuple[str, Any], ...] = ()) -> PackedMapping:
+    """The model's ``packed_modules_mapping`` merged with every plugin's hook answer (and
+    ``extra`` (source, mapping) pairs); one key mapped two ways is an error naming both."""
+    parts = [(f"{type(model).__qualname__}.packed_modules_mapping", getattr(model, "packed_modules_mapping", None) or {})]
+    parts += [(f"plugin {p!r}", m) for p, m in collect_results(
+        _plugin_manager().hook.diffulex_packed_modules_mapping, {"model": model, "config": config}, error=LoadError)]
+    return PackedMapping(merge_mappings([*parts, *extra]))
+
+
 def _plugin_manager():
     from .plugins import get_plugin_manager
 
@@ -402,11 +412,10 @@ class _Planner:
         hook = _plugin_manager().hook
         self.resolve_impls = impls_in_call_order(hook.diffulex_resolve_weight)
         model_name = type(model).__qualname__
-        mapping_parts = [(f"{model_name}.packed_modules_mapping", getattr(model, "packed_modules_mapping", None) or {})]
-        mapping_parts += [(f"plugin {p!r}", m) for p, m in
-                          collect_results(hook.diffulex_packed_modules_mapping, {"model": model, "config": config}, error=LoadError)]
-        self.mapping = PackedMapping(merge_mappings(mapping_parts))
+        self.mapping = model_packed_mapping(model, config)
         self.expected_missing = list(getattr(model, "expected_missing_keys", None) or ())
+        # LoRA adapter parameters (diffulex_core.lora) are written by the adapter load, not the checkpoint.
+        self.adapter_params = set(getattr(model, "diffulex_lora_parameters", None) or ())
         for _, names in collect_results(hook.diffulex_expected_missing, {"model": model}, error=LoadError):
             self.expected_missing += list(names)
         self.ignored = [(p, f"{model_name}.ignored_checkpoint_keys") for p in getattr(model, "ignored_checkpoint_keys", None) or ()]
@@ -577,7 +586,7 @@ class _Planner:
             if key in seen:
                 continue
             seen.add(key)
-            if key not in written and name not in covered and not any(
+            if key not in written and name not in covered and name not in self.adapter_params and not any(
                     fnmatch.fnmatchcase(name, pattern) for pattern in self.expected_missing):
                 out.append(name)
         return out

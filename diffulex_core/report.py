@@ -62,6 +62,7 @@ class LoadReport:
     apply_seconds: float = 0.0
     read_paths: dict[str, dict[str, float]] = field(default_factory=dict)
     parallel: dict[str, int] = field(default_factory=lambda: {"tp_rank": 0, "tp_size": 1, "ep_rank": 0, "ep_size": 1})
+    lora: Any = None  # a diffulex_core.lora.LoraReport when an adapter was loaded with the checkpoint
 
     def add_problem(self, kind: str, text: str) -> None:
         self.problems.append(text)
@@ -102,7 +103,7 @@ class LoadReport:
             f"{len(self.unexpected)} unexpected, {len(self.missing)} missing, {len(self.problems)} problem(s); "
             f"{self.bytes_read / GIB:.3f} of {self.bytes_total / GIB:.3f} GiB read, plan {self.plan_seconds:.3f} s, "
             f"apply {self.apply_seconds:.3f} s ({self.gib_per_s:.2f} GiB/s)"
-        )
+        ) + (f"\n{self.lora.summary()}" if self.lora is not None else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +113,6 @@ class LoadReport:
             "written_by_loaders": self.written_by_loaders, "notes": self.notes,
             "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
             "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s, "parallel": dict(self.parallel),
-            "read_paths": self.read_paths,
+            "read_paths": self.read_paths, "lora": self.lora.to_dict() if self.lora is not None else None,
             "tensors": [p.to_dict() for p in self.placements],
         }

@@ -13,12 +13,14 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from diffulex_core.loader import load_checkpoint
+from diffulex_core.loader import load_checkpoint, load_model
 
 TIMEOUT = timedelta(seconds=60)  # a collective that waits longer than this fails instead of hanging
 
@@ -39,10 +41,23 @@ def build(scenario: dict) -> torch.nn.Module:
         return build_llada(scenario["config"])
 
 
-def run(scenario: dict, out: Path, rank: int) -> dict:
+def load(scenario: dict, rank: int) -> tuple[torch.nn.Module, Any]:
+    """A family model loaded the scenario's way: ``load_checkpoint`` into a meta-built model, or
+    (``lora``) the seed's ``load_model`` with an adapter into a model built on the CPU."""
+    if "lora" in scenario:
+        from diffulex_dream.model import build_dream
+
+        model = build_dream(scenario["config"]).eval()
+        load_model(model, SimpleNamespace(model=scenario["checkpoint"], model_name="dream", use_lora=True,
+                                          lora_path=scenario["lora"], pre_merge_lora=scenario["merge"]))
+        return model, model.diffulex_load_report
     model = build(scenario)
     checkpoint = scenario["checkpoints"][rank] if "checkpoints" in scenario else scenario["checkpoint"]
-    report = load_checkpoint(model, checkpoint, device="cpu")
+    return model, load_checkpoint(model, checkpoint, device="cpu")
+
+
+def run(scenario: dict, out: Path, rank: int) -> dict:
+    model, report = load(scenario, rank)
     tensors = {f"param.{name}": t.detach().clone() for name, t in model.state_dict().items()}
     ids = torch.tensor(scenario["input_ids"])
     with torch.no_grad():

@@ -339,8 +339,8 @@ def test_load_model_seed_entry_point(tmp_path):
     assert load_model(model, config) is model
     assert torch.equal(model[0].weight, torch.full((2, 2), 2.0))
     model[0].weight.data.zero_()
-    with pytest.raises(LoadError, match="LoRA adapter loading is not available.*nothing was loaded"):
-        load_model(model, SimpleNamespace(**{**vars(config), "use_lora": True, "lora_path": "adapter"}))
+    with pytest.raises(LoadError, match="LoRA adapter directory .*no-adapter does not exist"):
+        load_model(model, SimpleNamespace(**{**vars(config), "use_lora": True, "lora_path": str(tmp_path / "no-adapter")}))
     assert torch.equal(model[0].weight, torch.zeros(2, 2))
 
 

@@ -14,6 +14,8 @@ checkpoint tensor, or a lazy ``CheckpointSlice`` view of it: the loaders are mar
 the wrong shape, or an unknown shard id, is a ``ValueError`` (the loader reports it).
 
 With ``tp_size == 1`` every layer computes exactly what ``nn.Linear``/``nn.Embedding`` would.
+Every layer takes LoRA adapters (``diffulex_layers.lora``): ``__init_lora__``, ``lora_destination``
+and ``merge_lora``; each rank holds the slices of A and B that match its part of the weight.
 The forwards use plain ``torch.distributed`` collectives: they are meant for inference.
 """
 
@@ -31,6 +33,8 @@ from diffulex_core.checkpoint import WeightDestination
 from diffulex_core.checkpoint_slice import takes_checkpoint_slices
 from diffulex_core.errors import ParallelConfigError
 from diffulex_core.parallel import ParallelState, current_parallel_state, divide
+
+from .lora import LoRAGeometry, LoRALayer, LoRASpan
 
 __all__ = [
     "ColumnParallelLinear",
@@ -115,7 +119,7 @@ class _TensorParallel:
         return self._tp_group.group
 
 
-class _ParallelLinear(_TensorParallel, _KeepsWeightLoaders, nn.Linear):
+class _ParallelLinear(LoRALayer, _TensorParallel, _KeepsWeightLoaders, nn.Linear):
     """An ``nn.Linear`` of this rank's (local) shape, so ``tp_size == 1`` is ``nn.Linear`` itself."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, state: ParallelState,
@@ -123,6 +127,24 @@ class _ParallelLinear(_TensorParallel, _KeepsWeightLoaders, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
         self._set_tp(state, tp_dim)
         self._attach_loaders()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return self._add_lora(x, out) if "lora" in self._modules else out
+
+    def _lora_geometry(self, shard_id: Any) -> LoRAGeometry:
+        """A LoRA adapter's A splits like the weight's columns (row-parallel), its B like the
+        weight's rows (column-parallel); a replicated layer's are whole."""
+        if shard_id is not None:
+            raise ValueError(f"{type(self).__name__} takes a LoRA adapter on its whole output (shard id None), "
+                             f"not shard id {shard_id!r}")
+        cols, rows = self.in_features, self.out_features
+        col_span, row_span = LoRASpan(cols, 0, cols), LoRASpan(rows, 0, rows)
+        if self.tp_dim == 1:
+            col_span = LoRASpan(cols * self.tp_size, self.tp_rank * cols, cols)
+        elif self.tp_dim == 0:
+            row_span = LoRASpan(rows * self.tp_size, self.tp_rank * rows, rows)
+        return LoRAGeometry(cols, col_span, rows, row_span, 0)
 
 
 class ReplicatedLinear(_ParallelLinear):
@@ -174,8 +196,10 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         out = F.linear(x, self.weight)
+        if "lora" in self._modules:  # this rank's partial LoRA product joins the same all-reduce
+            out = self._add_lora(x, out)
         dist.all_reduce(out, group=self.tp_group)
         return out if self.bias is None else out + self.bias
 
@@ -232,6 +256,23 @@ class PackedLinear(_ParallelLinear):
     @takes_checkpoint_slices
     def weight_loader(self, param: nn.Parameter, loaded_weight: Any, shard_id: Any) -> None:  # a shard id is required
         self.weight_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
+
+    def _lora_geometry(self, shard_id: Any) -> LoRAGeometry:
+        """A shard's adapter covers its rows, and its B splits like them (a replicated kv head
+        included: ``Shard.start``); a whole-layer adapter is whole, so single-process only."""
+        cols = self.in_features
+        if shard_id is None:
+            if self.tp_size > 1:
+                raise ValueError(f"a LoRA adapter on the whole packed {type(self).__name__} cannot be split for "
+                                 f"tensor-parallel rank {self.tp_rank} of {self.tp_size}; it needs one adapter per "
+                                 f"shard ({list(self.shards)})")
+            return LoRAGeometry(cols, LoRASpan(cols, 0, cols), self.out_features,
+                                LoRASpan(self.out_features, 0, self.out_features), 0)
+        if shard_id not in self.shard_slices:
+            raise ValueError(f"unknown LoRA shard id {shard_id!r} for {type(self).__name__}; "
+                             f"expected one of {list(self.shard_slices)} (or None for the whole layer)")
+        shard, (start, size) = self.shards[shard_id], self.shard_slices[shard_id]
+        return LoRAGeometry(cols, LoRASpan(cols, 0, cols), size, LoRASpan(shard.full, shard.start, size), start)
 
 
 class MergedColumnParallelLinear(PackedLinear):
@@ -300,6 +341,7 @@ class _VocabRows(_TensorParallel, _KeepsWeightLoaders):
         result = super()._apply(fn, *args, **kwargs)
         with torch.no_grad():  # to_empty() leaves garbage: padding rows are zero after every move
             self.weight.narrow(0, self.shard.real, self.shard.size - self.shard.real).zero_()
+        self._zero_lora_padding()
         return result
 
     @takes_checkpoint_slices
@@ -315,7 +357,7 @@ class _VocabRows(_TensorParallel, _KeepsWeightLoaders):
         return WeightDestination(param.data.narrow(0, 0, shard.real), ((0, shard.start, shard.real),))
 
 
-class VocabParallelEmbedding(_VocabRows, nn.Embedding):
+class VocabParallelEmbedding(LoRALayer, _VocabRows, nn.Embedding):
     """Embedding rows split across ranks (see ``VocabShard``); each rank embeds the ids in its
     range, zeros the others, and the results are summed over the group."""
 
@@ -327,16 +369,37 @@ class VocabParallelEmbedding(_VocabRows, nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return super().forward(input_ids)
+            out = super().forward(input_ids)
+            return self._add_lora(input_ids, out) if "lora" in self._modules else out
         start = self.shard.start
         mine = (input_ids >= start) & (input_ids < start + self.shard.real)
-        out = F.embedding(torch.where(mine, input_ids - start, 0), self.weight)
+        local_ids = torch.where(mine, input_ids - start, 0)
+        out = F.embedding(local_ids, self.weight)
+        if "lora" in self._modules:  # masked and summed with the embedding
+            out = self._add_lora(local_ids, out)
         out = out.masked_fill(~mine.unsqueeze(-1), 0)
         dist.all_reduce(out, group=self.tp_group)
         return out
 
+    def _lora_geometry(self, shard_id: Any) -> LoRAGeometry:
+        """PEFT's ``lora_embedding_A`` is (r, vocab): its columns are vocabulary entries, split like
+        the weight's rows (this rank's real ones, padding columns zero); B (dim, r) is whole."""
+        _no_shard_id(self, shard_id)
+        shard, dim = self.shard, self.embedding_dim
+        return LoRAGeometry(shard.size, LoRASpan(shard.vocab, shard.start, shard.real), dim, LoRASpan(dim, 0, dim), 0)
 
-class ParallelLMHead(_VocabRows, nn.Linear):
+    def _add_lora(self, input_ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """PEFT's embedding LoRA, ``embedding(ids, A^T) @ B^T * scaling`` (no dropout on ids)."""
+        for adapter in self._modules["lora"].values():
+            if not adapter.merged:
+                out = out + F.linear(F.embedding(input_ids, adapter.lora_A.t()), adapter.lora_B) * adapter.scaling
+        return out
+
+    def _lora_merge_pair(self, adapter: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.data, adapter.delta_weight().t()  # (B @ A) is (dim, vocab): the weight's transpose
+
+
+class ParallelLMHead(LoRALayer, _VocabRows, nn.Linear):
     """LM head sharded like ``VocabParallelEmbedding`` (so weights can be tied); the logits are
     gathered over the group and trimmed to the real vocabulary."""
 
@@ -348,8 +411,16 @@ class ParallelLMHead(_VocabRows, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.weight)
+        if "lora" in self._modules:  # on this rank's vocabulary rows, before the gather
+            logits = self._add_lora(x, logits)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits.contiguous(), group=self.tp_group)
             logits = torch.cat(parts, dim=-1)
         return logits if self.shard.padded == self.shard.vocab else logits[..., : self.shard.vocab]
+
+    def _lora_geometry(self, shard_id: Any) -> LoRAGeometry:
+        """B's rows are vocabulary entries, split like the weight's rows (padding rows zero); A is whole."""
+        _no_shard_id(self, shard_id)
+        shard, cols = self.shard, self.in_features
+        return LoRAGeometry(cols, LoRASpan(cols, 0, cols), shard.size, LoRASpan(shard.vocab, shard.start, shard.real), 0)

@@ -26,6 +26,7 @@ from torch import nn
 
 from diffulex_core.parallel import current_parallel_state, divide
 
+from .lora import LoRAAdapter
 from .moe import SparseMoeBlock, StackedExperts, per_expert_tensors
 from .rope import RopeParameters, inv_freq_and_scale
 from .parallel import (MergedColumnParallelLinear, PackedLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
@@ -255,6 +256,10 @@ class DiffusionLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         return result
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The LM head, as in transformers: PEFT's ``"all-linear"`` target leaves it out (so does the core)."""
+        return self.lm_head
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, vocab]: bidirectional attention, or block-causal where the config sets a block size."""
         seq_len = input_ids.shape[1]
@@ -284,7 +289,8 @@ def hf_name(name: str, shard_id: Any, mapping: Mapping[str, tuple]) -> str:
 
 def hf_state_dict(model: DiffusionLM) -> dict[str, torch.Tensor]:
     """The model's weights under checkpoint names (packed tensors split, stacked experts one by one,
-    a tied lm_head left out).
+    a tied lm_head left out). LoRA adapter tensors are not base weights and are left out too
+    (``merge_lora`` first to export merged weights).
 
     Meant for single-process models: with ``tp_size > 1`` the tensors are this rank's parts."""
     tied = model.lm_head.weight is model.model.embed_tokens.weight
@@ -294,6 +300,8 @@ def hf_state_dict(model: DiffusionLM) -> dict[str, torch.Tensor]:
             continue
         prefix = name.rpartition(".")[0]
         owner = model.get_submodule(prefix)
+        if isinstance(owner, LoRAAdapter):
+            continue
         if isinstance(owner, StackedExperts):
             if name.endswith(".gate_up_proj"):  # once per module
                 out.update(per_expert_tensors(prefix, owner))
