@@ -152,12 +152,11 @@ class _Names:
         """Shard id -> the checkpoint names that reach it, the most rewritten (most checkpoint-like) first."""
         out: dict[Any, list[tuple[int, str]]] = {}
         for source in self.mapping.sources(f"{module}.weight") if self.mapping else [f"{module}.weight"]:
-            name = source[:-7]
-            if self.locate(name) is None or self.locate(name)[0] != module:
+            name, located = source[:-7], self.locate(source[:-7])
+            if located is None or located[0] != module:
                 continue
-            shard = self.locate(name)[1]
-            keys = self.mapping.map(source).keys if self.mapping and self.mapping.map(source) else ()
-            out.setdefault(shard, []).append((-len(keys), name))
+            mapped = self.mapping.map(source) if self.mapping else None
+            out.setdefault(located[1], []).append((-len(mapped.keys if mapped else ()), name))
         return {shard: [n for _, n in sorted(names)] for shard, names in out.items()}
 
 

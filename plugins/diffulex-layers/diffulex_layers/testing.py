@@ -3,14 +3,22 @@ a tiny mixture-of-experts LM for expert-parallel loading tests and benchmarks.""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-__all__ = ["TinyMoeLM", "check_gated_mlp", "check_round_trip", "load_hf", "moe_checkpoint_tensors", "seeded",
-           "to_param_name"]
+__all__ = ["TinyMoeLM", "check_gated_mlp", "check_round_trip", "load_hf", "moe_checkpoint_tensors", "rank_main",
+           "run_on_ranks", "seeded", "to_param_name"]
 
 
 def to_param_name(hf_name: str, mapping: Mapping[str, tuple]) -> tuple[str, Any]:
@@ -126,3 +134,52 @@ def moe_checkpoint_tensors(model: TinyMoeLM) -> dict[str, torch.Tensor]:
         elif name.endswith(".gate_up_proj"):
             out.update(per_expert_tensors(prefix, owner))
     return out
+
+
+# --------------------------------------------------------------------------- layer checks on real ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_on_ranks(script: str, checks: list[Callable[[int], None]], tmp_path: Path, world: int = 2,
+                 wait_seconds: float = 120) -> None:
+    """Run ``script`` as ``world`` gloo ranks on CPU (the script calls ``rank_main(checks)`` when run
+    as ``__main__``) and fail with every rank's log unless each rank passed every check in time."""
+    roots = [str(p) for p in Path(script).resolve().parents[2].glob("diffulex-*")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(world)]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, script, str(rank), str(world), str(port)], env=env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
+    deadline = time.monotonic() + wait_seconds
+    try:  # a rank that fails leaves the other waiting in a collective: stop it at once
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        output = log.read_text()
+        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{output}"
+        assert all(f"ok {check.__name__}" in output for check in checks), output
+
+
+def rank_main(checks: list[Callable[[int], None]]) -> None:
+    """One rank of ``run_on_ranks``: join the group from ``argv`` (rank, world, port), run the checks."""
+    rank, world, port = (int(arg) for arg in sys.argv[1:4])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        for check in checks:
+            check(rank)
+            print(f"ok {check.__name__}", flush=True)
+    finally:
+        dist.destroy_process_group()

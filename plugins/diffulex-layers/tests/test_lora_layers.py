@@ -10,13 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
-import subprocess
-import sys
-import time
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +19,7 @@ from diffulex_core.parallel import ParallelState, use_parallel_state
 from diffulex_layers import (ColumnParallelLinear, DiffusionLM, MergedColumnParallelLinear, PackedLinear,
                              ParallelLMHead, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, TransformerConfig,
                              VocabParallelEmbedding, hf_state_dict)
+from diffulex_layers.testing import rank_main, run_on_ranks
 
 SINGLE = ParallelState()
 WAIT_SECONDS = 120  # the 2-rank run must finish by then; a hang fails the test instead of blocking CI
@@ -297,33 +291,8 @@ def test_model_output_embeddings_and_merged_adapters():
 # --------------------------------------------------------------------------- two real ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_match_one_process(tmp_path):
-    port, roots = free_port(), [str(p) for p in Path(__file__).resolve().parents[2].glob("diffulex-*")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])}
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), "2", str(port)], env=env,
-                              stdout=log.open("w"), stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
-    deadline = time.monotonic() + WAIT_SECONDS
-    try:  # a rank that fails leaves the other waiting in a collective: stop it at once
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    outputs = [log.read_text() for log in logs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{output}"
-        assert all(f"ok {check.__name__}" in output for check in CHECKS), output
+    run_on_ranks(__file__, CHECKS, tmp_path, wait_seconds=WAIT_SECONDS)
 
 
 def full_and_local(make, weights, adapters):
@@ -423,16 +392,5 @@ def check_vocab_layers(rank: int) -> None:
 CHECKS = [check_linear_layers, check_packed_layers, check_vocab_layers]
 
 
-def main(rank: int, world: int, port: int) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world, timeout=timedelta(seconds=60))
-    try:
-        for check in CHECKS:
-            check(rank)
-            print(f"ok {check.__name__}", flush=True)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(*(int(arg) for arg in sys.argv[1:4]))
+    rank_main(CHECKS)
