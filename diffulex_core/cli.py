@@ -98,31 +98,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["identical_to_source"] else 1
 
 
-def _checkpoint_config(path: str) -> dict:
-    """The checkpoint's config.json (what family factories take), or {} when it has none."""
-    config_file = Path(path) / "config.json" if Path(path).is_dir() else Path(path).parent / "config.json"
-    if not config_file.exists():
-        return {}
-    try:
-        return json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise DiffulexError(f"{config_file} is not valid JSON: {exc}") from None
-
-
 def _build(family: str, path: str, device: str, dtype: str | None):
-    import torch
+    from .family_models import build_for_checkpoint
 
-    from .registry import get_family
-
-    torch_dtype = None
-    if dtype is not None:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-            raise DiffulexError(f"--dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16, ...)")
-    factory = get_family(family)
-    with torch.device(device):
-        model = factory(_checkpoint_config(path))
-    return model.to(torch_dtype) if torch_dtype is not None else model
+    return build_for_checkpoint(family, path, device, dtype)[0]
 
 
 def _print_report(report, *, show_tensors: bool) -> None:
@@ -166,7 +145,9 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.merge and not args.lora:
         print("diffulex: --merge needs --lora DIR", file=sys.stderr)
         return 2
-    model = _build(args.family, args.checkpoint, "meta", args.dtype)
+    from .family_models import build_for_checkpoint
+
+    model, dtype_note = build_for_checkpoint(args.family, args.checkpoint, "meta", args.dtype)
     # The adapter is checked (and its adapters added, on the meta device) before the base load.
     prepared = prepare_lora(model, args.lora, merge=args.merge) if args.lora else None
     try:
@@ -181,6 +162,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_dict())
     else:
+        print(f"{args.family} model built on {args.device} in {dtype_note}")
         _print_report(report, show_tensors=False)
     return 0 if report.ok else 1
 
@@ -204,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file or directory")
     p.add_argument("--family", required=True, help="model family (see `diffulex plugins`)")
     p.add_argument("--device", default="cpu", help="where the parameters go (default: cpu)")
-    p.add_argument("--dtype", help="parameter dtype, e.g. bfloat16 (default: the family's)")
+    p.add_argument("--dtype", help="parameter dtype, e.g. bfloat16 (default: the checkpoint's: config.json "
+                                  "dtype/torch_dtype, else its tensors')")
     p.add_argument("--no-strict", action="store_true", help="load what fits and report the rest instead of failing")
     p.add_argument("--lora", metavar="DIR", help="a PEFT LoRA adapter directory to load on top (checked first)")
     p.add_argument("--merge", action="store_true", help="with --lora: merge the adapters into the weights")

@@ -9,6 +9,7 @@ failure fatal.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import os
@@ -17,6 +18,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
+from collections.abc import Iterator
 from typing import Any
 
 import pluggy
@@ -207,9 +209,9 @@ class _Discovery:
         self.disabled: list[PluginInfo] = []
         self.failures: list[PluginFailure] = []
 
-    def run(self, strict: bool, allow: set[str] | None, block: set[str]) -> Plugins:
+    def run(self, strict: bool, allow: set[str] | None, block: set[str], entry_points_too: bool = True) -> Plugins:
         found = sorted(
-            ((_info(ep), ep) for ep in entry_points(group=hookspecs.ENTRY_POINT_GROUP)),
+            ((_info(ep), ep) for ep in entry_points(group=hookspecs.ENTRY_POINT_GROUP) if entry_points_too),
             key=lambda pair: (pair[0].name, pair[0].distribution or ""),
         )
         if allow is not None:
@@ -221,7 +223,7 @@ class _Discovery:
             if (allow is not None and not _matches(info, allow)) or _matches(info, block):
                 self.disabled.append(info)
             else:
-                self._load(info, ep)
+                self._load(info, ep.load)
         owners = {}
         for entry in self.registry.entries():
             owners.setdefault(entry.owner, []).append(entry.name)
@@ -232,13 +234,20 @@ class _Discovery:
     def _fail(self, info: PluginInfo, stage: str, message: str, exc: BaseException | None = None) -> None:
         self.failures.append(PluginFailure(info, stage, message, exc))
 
-    def _load(self, info: PluginInfo, ep: EntryPoint) -> None:
+    def run_objects(self, plugins: dict[str, Any]) -> Plugins:
+        """The outcome for exactly these plugin objects (name -> module or object), no entry points."""
+        for name, obj in plugins.items():
+            value = getattr(obj, "__name__", None) or type(obj).__qualname__
+            self._load(PluginInfo(name=name, value=value, distribution=None, version=None), lambda obj=obj: obj)
+        return self.run(False, set(), set(), entry_points_too=False)
+
+    def _load(self, info: PluginInfo, load: Any) -> None:
         if self.manager.has_plugin(info.name):
             other = next((p.label for p in self.loaded if p.name == info.name), "diffulex-core's built-in hooks")
             self._fail(info, "validate", f"entry-point name {info.name!r} is already used by {other}")
             return
         try:
-            obj = ep.load()
+            obj = load()
         except Exception as exc:  # isolated: reported with the plugin named, others go on
             self._fail(info, "import", f"cannot import {info.value!r}: {type(exc).__name__}: {exc}", exc)
             return
@@ -323,6 +332,26 @@ def reset_plugins() -> None:
     global _plugins
     with _lock:
         _plugins = None
+
+
+def plugins_from(plugins: dict[str, Any]) -> Plugins:
+    """A discovery outcome holding only ``plugins`` (name -> plugin module or object) and
+    diffulex-core's built-in hooks: no entry point is read. Failures are in ``.failures``."""
+    return _Discovery().run_objects(dict(plugins))
+
+
+@contextlib.contextmanager
+def using_plugins(plugins: Plugins) -> Iterator[Plugins]:
+    """Make ``plugins`` the process-wide outcome (what loads, families and tokenizers use) for the
+    ``with`` block, then put the previous one back (or none, so the next use discovers)."""
+    global _plugins
+    with _lock:
+        previous, _plugins = _plugins, plugins
+    try:
+        yield plugins
+    finally:
+        with _lock:
+            _plugins = previous
 
 
 def impls_in_call_order(hook: Any) -> list[Any]:

@@ -1,0 +1,187 @@
+"""The plugin author's test kit, also a pytest plugin (entry point ``pytest11``: ``diffulex``).
+
+Helpers: ``isolated_plugins`` (only the plugins a test names, no entry points read),
+``write_checkpoint`` (safetensors, one file or sharded with an index, from tensors or a model),
+``write_lora_adapter`` (PEFT's adapter format), ``assert_clean_load`` (a strict load with every
+tensor placed by the rule the test expects) and ``check_plugin`` (``diffulex check`` as a
+function). Fixtures: ``diffulex_plugins``, ``diffulex_checkpoint`` and ``diffulex_lora_adapter``.
+
+Importing this module costs nothing: torch and the loader are imported when a helper runs, and
+the plugin defines fixtures only (no hooks, nothing autouse), so a pytest session that does not
+ask for them runs exactly as without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["assert_clean_load", "check_plugin", "isolated_plugins", "write_checkpoint", "write_lora_adapter"]
+
+
+@contextlib.contextmanager
+def isolated_plugins(**plugins: Any) -> Iterator[Any]:
+    """Within the block, the process sees only ``plugins`` (``name=module_or_object``) and the
+    core's built-in hooks: families, loads and tokenizers use them; no entry point is read. Yields
+    the ``Plugins`` outcome (check ``.failures``: a plugin that fails to register is reported, not
+    raised, as in discovery)."""
+    from .plugins import plugins_from, using_plugins
+
+    with using_plugins(plugins_from(plugins)) as outcome:
+        yield outcome
+
+
+def _tensors(source: Any, to_checkpoint: Callable | None) -> dict[str, Any]:
+    if to_checkpoint is not None:
+        tensors = dict(to_checkpoint(source))
+    elif isinstance(source, Mapping):
+        tensors = dict(source)
+    else:  # a model: its state dict, tied tensors stored once each (safetensors refuses shared storage)
+        tensors = dict(source.state_dict())
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+
+
+def write_checkpoint(directory: str | Path, source: Any, *, shards: int = 1, config: Mapping[str, Any] | None = None,
+                     to_checkpoint: Callable[[Any], Mapping[str, Any]] | None = None) -> Path:
+    """Write ``source`` (a dict of tensors, or a model's ``state_dict``; or ``to_checkpoint(source)``,
+    a family's export to checkpoint names) as safetensors in ``directory`` and return it.
+
+    ``shards=1`` writes ``model.safetensors``; more writes ``model-0000i-of-0000n.safetensors``
+    and ``model.safetensors.index.json``, as transformers does. ``config`` becomes ``config.json``.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors(source, to_checkpoint)
+    if shards < 1 or shards > max(1, len(tensors)):
+        raise ValueError(f"shards must be between 1 and the number of tensors ({len(tensors)}), got {shards}")
+    if shards == 1:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        names, weight_map = list(tensors), {}
+        for i in range(shards):
+            part = names[i * len(names) // shards:(i + 1) * len(names) // shards]
+            file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n] for n in part}, directory / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(dict(config), indent=2))
+    return directory
+
+
+def write_lora_adapter(directory: str | Path, adapters: Mapping[str, tuple[Any, Any]], *, lora_alpha: float | None = None,
+                       target_modules: list[str] | str | None = None, embeddings: tuple[str, ...] = (),
+                       **config: Any) -> Path:
+    """Write a LoRA adapter as PEFT saves one and return ``directory``.
+
+    ``adapters`` maps each adapted module's checkpoint name (``model.layers.0.self_attn.q_proj``)
+    to ``(A, B)``: A is ``(r, in_features)``, B ``(out_features, r)``; for the modules named in
+    ``embeddings``, A is ``(r, num_embeddings)`` and B ``(embedding_dim, r)`` (PEFT's
+    ``lora_embedding_A/B``). ``r`` is the first adapter's rank, other ranks go to ``rank_pattern``;
+    ``lora_alpha`` defaults to ``r``; ``target_modules`` to the adapted names. Other keyword
+    arguments are written to ``adapter_config.json`` as they are (``use_rslora=True``, ...).
+    """
+    from safetensors.torch import save_file
+
+    if not adapters:
+        raise ValueError("write_lora_adapter needs at least one adapter")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, ranks = {}, {}
+    for name, (a, b) in adapters.items():
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"adapter {name}: A {tuple(a.shape)} and B {tuple(b.shape)} are not (r, in) and (out, r)")
+        kind = "lora_embedding_{}" if name in embeddings else "lora_{}.weight"
+        tensors[f"base_model.model.{name}.{kind.format('A')}"] = a.detach().to("cpu").contiguous().clone()
+        tensors[f"base_model.model.{name}.{kind.format('B')}"] = b.detach().to("cpu").contiguous().clone()
+        ranks[name] = int(a.shape[0])
+    r = next(iter(ranks.values()))
+    rank_pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    fields = {
+        "peft_type": "LORA", "r": r, "lora_alpha": r if lora_alpha is None else lora_alpha, "lora_dropout": 0.0,
+        "target_modules": list(adapters) if target_modules is None else target_modules, "bias": "none",
+        "use_rslora": False, "rank_pattern": rank_pattern, "alpha_pattern": {}, "fan_in_fan_out": False,
+        "modules_to_save": None, "use_dora": False,
+    }  # fmt: skip
+    fields.update(config)
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(fields, indent=2))
+    return directory
+
+
+def assert_clean_load(model: Any, checkpoint: str | Path, *, family: str | None = None,
+                      rules: Mapping[str, str] | None = None, device: Any = "cpu", **load_kwargs: Any) -> Any:
+    """Load ``checkpoint`` into ``model`` strictly and return the report; fail unless it is clean.
+
+    Clean: nothing unexpected, missing, rejected or skipped, and, for each ``fnmatch`` pattern in
+    ``rules``, every tensor it matches placed by that rule (``"packed_mapping"``, ``"exact"``,
+    ``"module:<prefix>"``, ``"plugin:<name>"``, ``"packed_mapping:root"``; a pattern ending in
+    ``*`` on the rule side matches a prefix). Tensors no pattern matches may use any rule.
+    """
+    from .errors import LoadPlanError
+    from .loader import load_checkpoint
+
+    is_meta = any(p.is_meta for p in model.parameters())
+    try:
+        report = load_checkpoint(model, checkpoint, family=family, device=device if is_meta else None, **load_kwargs)
+    except LoadPlanError as exc:
+        raise AssertionError(f"the load of {checkpoint} is not clean:\n{exc}") from None
+    problems = [f"skipped {name}: {why}" for name, why in report.skipped.items()]
+    for placement in report.placements:
+        for pattern, rule in (rules or {}).items():
+            if fnmatch.fnmatchcase(placement.name, pattern) and not fnmatch.fnmatchcase(placement.rule, rule):
+                problems.append(f"{placement.name} was placed by rule {placement.rule!r} ({placement.kind} "
+                                f"{placement.target}), not {rule!r} as {pattern!r} expects")
+    for pattern in rules or {}:
+        if not any(fnmatch.fnmatchcase(p.name, pattern) for p in report.placements):
+            problems.append(f"rule pattern {pattern!r} matches no tensor of {checkpoint}")
+    if problems:
+        raise AssertionError(f"the load of {checkpoint} is not clean:\n  - " + "\n  - ".join(problems))
+    return report
+
+
+def check_plugin(name: str, **kwargs: Any) -> Any:
+    """``diffulex check NAME`` as a function: the conformance result (``.ok``, ``.problems``)."""
+    from .conformance import check_plugin as check
+
+    return check(name, **kwargs)
+
+
+# --------------------------------------------------------------------------- pytest fixtures
+
+try:
+    import pytest
+except ImportError:  # the helpers work without pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def diffulex_plugins():
+        """``diffulex_plugins(llada=diffulex_llada, mine=my_plugin)``: only these plugins for the rest
+        of the test (see ``isolated_plugins``); returns the ``Plugins`` outcome."""
+        with contextlib.ExitStack() as stack:
+            yield lambda **plugins: stack.enter_context(isolated_plugins(**plugins))
+
+    @pytest.fixture
+    def diffulex_checkpoint(tmp_path):
+        """``diffulex_checkpoint(tensors_or_model, shards=2, config={...})``: a checkpoint directory
+        under the test's ``tmp_path`` (see ``write_checkpoint``)."""
+        count = iter(range(1_000_000))
+        return lambda source, **kwargs: write_checkpoint(tmp_path / f"checkpoint{next(count)}", source, **kwargs)
+
+    @pytest.fixture
+    def diffulex_lora_adapter(tmp_path):
+        """``diffulex_lora_adapter({"model.layers.0.self_attn.q_proj": (A, B)}, lora_alpha=8)``: a
+        PEFT-format adapter directory under ``tmp_path`` (see ``write_lora_adapter``)."""
+        count = iter(range(1_000_000))
+        return lambda adapters, **kwargs: write_lora_adapter(tmp_path / f"adapter{next(count)}", adapters, **kwargs)
