@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .hookspecs import hookimpl
-from .tokenizer import STANDARD_SPECIAL_TOKENS
+from .special_tokens import STANDARD_SPECIAL_TOKENS
 
 PLUGIN_NAME = "diffulex-core"
 

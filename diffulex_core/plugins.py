@@ -25,7 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigurationError, DiffulexError, PluginError, PluginLoadError, PluginWarning
-from .registry import FamilyEntry, FamilyRegistry, validate_registration
+from .family_registry import FamilyEntry, FamilyRegistry, validate_registration
 
 __all__ = [
     "PluginInfo",

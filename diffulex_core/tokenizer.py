@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerLoadError
+from .special_tokens import STANDARD_SPECIAL_TOKENS
 
 __all__ = ["auto_tokenizer_from_pretrained", "coerce_extra_special_tokens", "STANDARD_SPECIAL_TOKENS", "TOKENIZER_CONFIG"]
 
@@ -44,9 +45,6 @@ HUB_TIMEOUT_S = 10.0  # the one request asking the hub whether a repository exis
 _HUB_ID = re.compile(r"(?:[\w\-.]+/)?[\w\-.]+")
 _TRUE_ENV = {"1", "on", "yes", "true"}
 _LIST_KEYS_ERROR = "'list' object has no attribute 'keys'"
-# attribute names a tokenizer already has for its standard special tokens
-STANDARD_SPECIAL_TOKENS = {f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")} | {
-    "additional_special_tokens", "extra_special_tokens"}
 
 
 def _token_text(token: Any) -> str:
