@@ -148,3 +148,47 @@ def test_load_of_a_bad_file_names_it(tmp_path):
     result = diffulex("load", str(tmp_path), "--family", "llada")
     assert result.returncode == 1
     assert "CheckpointFormatError: model.safetensors is a Git LFS pointer" in result.stderr
+
+
+@pytest.fixture
+def bf16_llada(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from diffulex_llada.model import build_llada, to_hf_state_dict
+
+    save_file({k: v.to(torch.bfloat16) for k, v in to_hf_state_dict(build_llada({})).items()}, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("config, dtype, expected, source", [
+    ({}, None, "bfloat16", "the checkpoint's tensors"),
+    ({"torch_dtype": "float16"}, None, "float16", "config.json torch_dtype"),
+    ({"dtype": "bfloat16", "torch_dtype": "float32"}, None, "bfloat16", "config.json dtype"),
+    ({"dtype": "auto"}, None, "bfloat16", "the checkpoint's tensors"),
+    ({"torch_dtype": "float16"}, "float32", "float32", "--dtype"),
+])  # fmt: skip
+def test_models_are_built_in_the_checkpoints_dtype_by_default(bf16_llada, config, dtype, expected, source):
+    import torch
+
+    from diffulex_core.family_models import build_for_checkpoint
+
+    (bf16_llada / "config.json").write_text(json.dumps(config))
+    model, note = build_for_checkpoint("llada", bf16_llada, "meta", dtype)
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, expected)}
+    assert note == f"{expected} (from {source})"
+
+
+def test_a_dtype_that_is_not_one_is_named(bf16_llada):
+    from diffulex_core.errors import DiffulexError
+    from diffulex_core.family_models import build_for_checkpoint
+
+    (bf16_llada / "config.json").write_text(json.dumps({"torch_dtype": "int8"}))
+    with pytest.raises(DiffulexError, match="config.json torch_dtype 'int8' is not a floating-point torch dtype"):
+        build_for_checkpoint("llada", bf16_llada)
+
+
+def test_load_builds_a_bf16_checkpoint_in_bf16(bf16_llada):
+    result = diffulex("load", str(bf16_llada), "--family", "llada")
+    assert result.returncode == 0, result.stderr
+    assert "llada model built on cpu in bfloat16 (from the checkpoint's tensors)" in result.stdout
