@@ -36,66 +36,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_embedding_rows(model: Any) -> int:
-    import torch
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo import add_arguments  # the standard library only: cheap
 
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            return module.num_embeddings
-    raise DiffulexError(f"{type(model).__qualname__} has no nn.Embedding; the demo cannot make a prompt for it")
+    add_arguments(parser)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build a family's tiny model, save it as safetensors, load it into a meta-built twin, compare."""
-    import tempfile
+    """The whole path on a tiny random model (or ``--checkpoint``): see ``diffulex_core.demo``."""
+    from .demo import main
 
-    import torch
-    from safetensors.torch import save_model
-
-    from .loader import load_checkpoint
-    from .plugins import get_plugins
-
-    plugins = get_plugins()
-    family = args.family or next(iter(plugins.registry.names()), None)
-    if family is None:
-        raise DiffulexError("no model family is installed; install a family plugin such as plugins/diffulex-llada")
-    entry = plugins.registry.entry(family)
-    factory = plugins.registry.get(family)
-    torch.manual_seed(0)
-    source = factory({}).eval()
-    with torch.device("meta"):
-        target = factory({})
-    with tempfile.TemporaryDirectory() as checkpoint:
-        save_model(source, f"{checkpoint}/model.safetensors")
-        report = load_checkpoint(target.eval(), checkpoint, family=family, device="cpu")
-    prompt = torch.arange(8).remainder(_first_embedding_rows(source)).unsqueeze(0)
-    with torch.no_grad():
-        expected, got = source(prompt), target(prompt)
-    result = {
-        "families": plugins.registry.names(),
-        "family": family,
-        "factory": entry.factory_name,
-        "owner": entry.owner,
-        "load": report.summary(),
-        "parameters": sum(p.numel() for p in target.parameters()),
-        "prompt": prompt[0].tolist(),
-        "logits_shape": list(got.shape),
-        "next_tokens": got.argmax(-1)[0].tolist(),
-        "identical_to_source": bool(torch.equal(expected, got)),
-        "plugin_failures": [f.describe() for f in plugins.failures],
-    }
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"families installed: {', '.join(result['families'])}")
-        print(f"family {family}: factory {entry.factory_name} from {entry.owner}")
-        print(f"saved a tiny {family} model ({result['parameters']:,} parameters) and loaded it into a meta-built twin:")
-        print(f"  {result['load']}")
-        print(f"forward on prompt {result['prompt']}: logits {tuple(got.shape)}, argmax {result['next_tokens']}")
-        print(f"loaded model reproduces the source logits exactly: {result['identical_to_source']}")
-        for failure in result["plugin_failures"]:
-            print(f"warning: {failure}")
-    return 0 if result["identical_to_source"] else 1
+    return main(args)
 
 
 def _build(family: str, path: str, device: str, dtype: str | None):
@@ -167,16 +118,28 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check an installed plugin: hooks, and per family a meta build and a checkpoint round trip."""
+    from .conformance import cmd_check as check
+
+    return check(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffulex", description="diffulex-core: checkpoint loading for diffusion LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list installed plugins, their hooks and families, and every failure")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plugins)
-    p = sub.add_parser("demo", help="save a family's tiny model, load it back through the loader, compare outputs")
-    p.add_argument("--family", help="family name (default: the first installed, alphabetically)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("demo", help="the whole path on a tiny random model: checkpoint, plan, load, LoRA, tokenizer, "
+                                    "diffusion decoding, metrics (or on --checkpoint DIR --family NAME)")
+    _demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("check", help="check an installed plugin: its hooks, and per family a meta build and a "
+                                     "checkpoint round trip")
+    p.add_argument("plugin", help="the plugin's entry-point or distribution name (see `diffulex plugins`)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("plan", help="plan a load from headers alone: every tensor's destination and rule")
     p.add_argument("checkpoint", help="checkpoint file or directory")
     p.add_argument("--family", required=True, help="model family (see `diffulex plugins`)")

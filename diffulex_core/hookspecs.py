@@ -108,3 +108,29 @@ def diffulex_ignored_checkpoint_keys(model):
     :return: an iterable of names or ``fnmatch`` patterns, or ``None``. The results of all
         plugins are combined.
     """
+
+
+@hookspec
+def diffulex_family_examples():
+    """Give a small example of each model family this plugin registers, for ``diffulex check``.
+
+    Called by ``diffulex check PLUGIN`` (``diffulex_core.conformance.check_plugin``), never
+    during a load. For each family the check builds the model on the meta device from the
+    example's config, then builds it on the CPU with random weights, writes it as a sharded
+    safetensors checkpoint through the family's export, loads that into a meta-built twin and
+    requires a clean plan, equal weights and equal outputs. Keep the sizes tiny: the check
+    runs them all, on the CPU. The function may import the plugin's model modules inside its
+    body, so that importing the plugin stays cheap.
+
+    :return: a mapping ``{family_name: example}``, or ``None``. An example is the family's
+        config mapping (shaped like its ``config.json``), or a
+        ``diffulex_core.conformance.FamilyExample(config, to_checkpoint=None, inputs=None)``:
+        ``to_checkpoint(model)`` returns the model's weights under checkpoint names (the
+        family's export; ``None``: the model's ``state_dict`` names) and ``inputs(model)`` the
+        tuple of positional arguments of one forward call (``None``: token ids
+        ``torch.randint(0, vocab, (2, 8))``, with ``vocab`` the first ``nn.Embedding``'s rows).
+        The results of all plugins are combined; answering for a family another plugin
+        registered is a problem that ``diffulex check`` reports. A family without an example
+        here may carry one on its factory (``factory.example_config``, optionally
+        ``factory.to_checkpoint``); without either, its build and round trip are not tested.
+    """

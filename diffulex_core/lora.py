@@ -389,11 +389,15 @@ def _base_destination(module: nn.Module, module_name: str, shape: tuple[int, ...
 
 class PreparedLora:
     """An adapter load checked against the model, its adapters added: ``apply()`` writes the
-    tensors (and merges), ``undo()`` removes the adapters it added. Nothing else changed yet."""
+    tensors (and merges), ``undo()`` removes the adapters it added. Nothing else changed yet.
 
-    def __init__(self, model: nn.Module, lora_path: Path, writes: list[tuple[str, WeightDestination]],
-                 tensors: _AdapterTensors, slots: list[_SlotTensors], merge: bool, undo: _Undo) -> None:
-        self.model, self.lora_path, self.writes, self.tensors, self.slots = model, lora_path, writes, tensors, slots
+    Between the two the base checkpoint may be loaded, materializing a meta-built model (new
+    parameter objects): ``apply()`` finds every destination again, on the live parameters.
+    """
+
+    def __init__(self, model: nn.Module, lora_path: Path, names: _Names, tensors: _AdapterTensors,
+                 slots: list[_SlotTensors], merge: bool, undo: _Undo) -> None:
+        self.model, self.lora_path, self.names, self.tensors, self.slots = model, lora_path, names, tensors, slots
         self.merge, self.undo = merge, undo
         self.report = LoraReport(str(lora_path), tensors.files, tensors=len(tensors.tensors), bytes=tensors.nbytes)
         for entry in slots:
@@ -403,9 +407,13 @@ class PreparedLora:
 
     def apply(self) -> LoraReport:
         """Write every adapter tensor (this rank's part), then merge when asked (float32, cast back)."""
-        names = dict(self.model.named_modules())
+        writes = _check_destinations(self.model, self.names, self.tensors, self.slots, self.merge)
+        still_meta = [name for name, dest in writes if dest.target.is_meta]
+        if still_meta:
+            raise LoraError(f"{type(self.model).__qualname__} is still on the meta device (adapter tensor "
+                            f"{still_meta[0]} has nowhere to go); load the base checkpoint first")
         with torch.no_grad():
-            for tensor_name, dest in self.writes:
+            for tensor_name, dest in writes:
                 try:
                     dest.apply(self.tensors.tensors[tensor_name])
                 except Exception as exc:
@@ -413,11 +421,7 @@ class PreparedLora:
                                          f"failed: {type(exc).__name__}: {exc}") from exc
             if self.merge:
                 for module_name in dict.fromkeys(e.slot.module for e in self.slots):
-                    module = names[module_name]
-                    if not callable(getattr(module, "merge_lora", None)):
-                        raise LoadApplyError(f"module {module_name} ({type(module).__qualname__}) has no merge_lora(); "
-                                             f"its adapters were loaded unmerged")
-                    module.merge_lora()
+                    self.names.all_modules[module_name].merge_lora()
                 self.report.merged = True
         log.info("%s", self.report.summary())
         return self.report
@@ -510,11 +514,11 @@ def prepare_lora(model: nn.Module, lora_path: str | Path, *, packed_modules_mapp
         for key, entry in by_slot.items():
             if key not in enabled:
                 _add(model, names, entry.slot, config.lora_dropout, undo)
-        writes = _check_destinations(model, names, adapter, list(by_slot.values()), merge)
+        _check_destinations(model, names, adapter, list(by_slot.values()), merge)
     except BaseException:
         undo()
         raise
-    return PreparedLora(model, lora_path, writes, adapter, list(by_slot.values()), merge, undo)
+    return PreparedLora(model, lora_path, names, adapter, list(by_slot.values()), merge, undo)
 
 
 def _check_destinations(model: nn.Module, names: _Names, adapter: _AdapterTensors, entries: list[_SlotTensors],
@@ -540,6 +544,9 @@ def _check_destinations(model: nn.Module, names: _Names, adapter: _AdapterTensor
                                 f"{entry.slot.module}: {exc}")
                 continue
             writes.append((tensor_name, dest))
+        if merge and not callable(getattr(module, "merge_lora", None)):
+            problems.append(f"module {entry.slot.module} ({type(module).__qualname__}) has no merge_lora(); "
+                            f"load this adapter unmerged")
         if merge:
             weight_name = f"{entry.slot.module}.weight" if entry.slot.module else "weight"
             shared = sorted(n for n, k in ties.items() if weight_name in ties and k == ties[weight_name] and n != weight_name)

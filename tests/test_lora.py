@@ -176,6 +176,26 @@ def test_enable_then_load_lora_weights_the_seed_way(base, tmp_path):
     torch.testing.assert_close(logits(model.eval()), full_attention(peft_model), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_checked_on_a_meta_model_then_written_after_the_base_load(base, tmp_path, merge):
+    """The order of ``diffulex load --lora``: the adapter is checked (and its adapters added) on the
+    meta device, the base load materializes the model, then the tensors land on the live parameters."""
+    from diffulex_core.errors import LoraError
+    from diffulex_core.lora import prepare_lora
+    from diffulex_dream.model import build_dream
+
+    reference, directory = base
+    peft_model = write_adapter(reference, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    with torch.device("meta"):
+        model = build_dream(json.loads((directory / "config.json").read_text())).eval()
+    prepared = prepare_lora(model, tmp_path / "adapter", merge=merge)
+    with pytest.raises(LoraError, match="still on the meta device"):
+        prepared.apply()
+    assert load_checkpoint(model, directory, device="cpu").ok
+    assert prepared.apply().merged == merge
+    torch.testing.assert_close(logits(model), full_attention(peft_model), rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- bad adapters
 
 

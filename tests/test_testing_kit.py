@@ -119,3 +119,25 @@ def test_write_lora_adapter_is_read_by_peft_and_by_the_loader(tmp_path, diffulex
     with torch.no_grad():
         expected = peft_model(input_ids=ids, attention_mask=torch.zeros(2, 1, 6, 6)).logits
         torch.testing.assert_close(ours(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_hook_newer_than_the_core_is_ignored_when_marked_optional(diffulex_plugins):
+    """What README promises plugin authors who support older cores."""
+    from diffulex_core import hookimpl
+
+    class Future:
+        @hookimpl(optionalhook=True)
+        def diffulex_from_a_newer_core(self):
+            return 1
+
+        @hookimpl
+        def diffulex_register_families(self, register):
+            register("future", lambda config: None)
+
+    class Unmarked:
+        @hookimpl
+        def diffulex_from_a_newer_core(self):
+            return 1
+
+    assert diffulex_plugins(future=Future()).registry.names() == ["future"]
+    assert "unknown hook 'diffulex_from_a_newer_core'" in diffulex_plugins(unmarked=Unmarked()).failures[0].message

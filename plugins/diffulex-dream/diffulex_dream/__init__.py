@@ -15,4 +15,15 @@ def diffulex_register_families(register):
     register(FAMILY, FACTORY)
 
 
-__all__ = ["FACTORY", "FAMILY", "diffulex_register_families"]
+@hookimpl
+def diffulex_family_examples():
+    """A tiny Dream config for ``diffulex check dream``, exported with real Dream (Qwen2) checkpoint names."""
+    from diffulex_core.conformance import FamilyExample
+    from diffulex_dream.model import to_hf_state_dict
+
+    config = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+              "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 64, "tie_word_embeddings": False}
+    return {FAMILY: FamilyExample(config, to_checkpoint=to_hf_state_dict)}
+
+
+__all__ = ["FACTORY", "FAMILY", "diffulex_family_examples", "diffulex_register_families"]

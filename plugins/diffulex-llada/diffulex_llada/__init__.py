@@ -15,4 +15,15 @@ def diffulex_register_families(register):
     register(FAMILY, FACTORY)
 
 
-__all__ = ["FACTORY", "FAMILY", "diffulex_register_families"]
+@hookimpl
+def diffulex_family_examples():
+    """A tiny LLaDA config for ``diffulex check llada``, exported with real LLaDA checkpoint names."""
+    from diffulex_core.conformance import FamilyExample
+    from diffulex_llada.model import to_hf_state_dict
+
+    config = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
+              "vocab_size": 64, "max_sequence_length": 64, "weight_tying": False}
+    return {FAMILY: FamilyExample(config, to_checkpoint=to_hf_state_dict)}
+
+
+__all__ = ["FACTORY", "FAMILY", "diffulex_family_examples", "diffulex_register_families"]
