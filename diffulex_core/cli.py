@@ -1,11 +1,10 @@
-"""The ``diffulex`` command line: ``plugins``, ``plan``, ``load`` and ``demo``."""
+"""The ``diffulex`` command line: ``plugins``, ``plan``, ``load``, ``check`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import DiffulexError
@@ -90,14 +89,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device, then load (materializing it on --device)."""
     from .errors import LoadPlanError
+    from .family_models import build_for_checkpoint
     from .loader import load_checkpoint
     from .lora import prepare_lora
 
     if args.merge and not args.lora:
         print("diffulex: --merge needs --lora DIR", file=sys.stderr)
         return 2
-    from .family_models import build_for_checkpoint
-
     model, dtype_note = build_for_checkpoint(args.family, args.checkpoint, "meta", args.dtype)
     # The adapter is checked (and its adapters added, on the meta device) before the base load.
     prepared = prepare_lora(model, args.lora, merge=args.merge) if args.lora else None
