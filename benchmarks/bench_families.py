@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import json
 import math
@@ -76,6 +75,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_load import DTYPES, GIB, fsync, warm_page_cache  # noqa: E402
+from peak_rss import reset_peak_rss, status_kib  # noqa: E402
 
 CONTENDERS = ("naive", "loader")
 INDEX_NAME = "model.safetensors.index.json"
@@ -415,13 +415,6 @@ def verify(model: nn.Module, directory: Path, case: Case) -> int:
     return len(samples)
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(contender: str, case_name: str, directory: Path, profile: int) -> None:
     """Build + zero the model (untimed), time the load alone, verify (untimed), print one JSON line.
 
@@ -439,13 +432,8 @@ def worker(contender: str, case_name: str, directory: Path, profile: int) -> Non
         from diffulex_core.plugins import get_plugin_manager
 
         get_plugin_manager()
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        hwm_reset = True
-    except OSError:
-        hwm_reset = False
-    rss_before = _status_kib("VmRSS")
+    hwm_reset = reset_peak_rss()
+    rss_before = status_kib("VmRSS")
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
@@ -455,7 +443,7 @@ def worker(contender: str, case_name: str, directory: Path, profile: int) -> Non
     else:
         load_loader(model, directory)
     seconds = time.perf_counter() - started
-    hwm_after = _status_kib("VmHWM")
+    hwm_after = status_kib("VmHWM")
     if profiler:
         profiler.disable()
         out = io.StringIO()

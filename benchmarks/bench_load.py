@@ -78,6 +78,7 @@ from diffulex_core import hookimpl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from named_model import build_named_model, raw_header_specs, verify_against_file  # noqa: E402
+from peak_rss import reset_peak_rss, status_kib  # noqa: E402
 
 GIB = 1024**3
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
@@ -282,13 +283,6 @@ class NoopResolveHook:
 # --------------------------------------------------------------------------- peak RSS (subprocess)
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker(approach: str, path: Path) -> None:
     """Build the model, do every import, reset the RSS high-water mark, load once, print JSON."""
     model = Holder(header_specs(path))  # torch.zeros: every page is resident before measuring
@@ -298,18 +292,13 @@ def worker(approach: str, path: Path) -> None:
         from diffulex_core.plugins import get_plugin_manager
 
         get_plugin_manager()
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
-    before = _status_kib("VmRSS")
-    hwm_before = _status_kib("VmHWM")
+    reset = reset_peak_rss()
+    before = status_kib("VmRSS")
+    hwm_before = status_kib("VmHWM")
     start = time.perf_counter()
     APPROACHES[approach](model, path)
     seconds = time.perf_counter() - start
-    after = _status_kib("VmHWM")
+    after = status_kib("VmHWM")
     print(json.dumps({"approach": approach, "rss_before_kib": before, "hwm_before_kib": hwm_before,
                       "hwm_after_kib": after, "hwm_reset": reset, "model_bytes": model_bytes(model),
                       "seconds": seconds}))

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from .plugins import PluginInfo, Plugins
 
-__all__ = ["Check", "CheckResult", "FamilyExample", "check_plugin", "cmd_check"]
+__all__ = ["Check", "CheckResult", "FamilyExample", "check_plugin", "cmd_check", "family_export"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 NO_EXAMPLE = ("no example config: build, round trip not tested; "
@@ -293,6 +293,24 @@ def _factory_example(factory: Any) -> tuple[str, Any] | None:
     return "factory.example_config", FamilyExample(config, to_checkpoint=getattr(factory, "to_checkpoint", None))
 
 
+def family_export(name: str) -> Callable[[nn.Module], Mapping[str, Tensor]] | None:
+    """Family ``name``'s export to checkpoint names, as its plugin declares it for this check (its
+    own ``diffulex_family_examples`` answer, else ``factory.to_checkpoint``); None: the model's
+    ``state_dict`` names are its checkpoint names."""
+    from .errors import PluginError
+    from .plugins import call_impl, get_plugins
+
+    plugins = get_plugins()
+    entry = plugins.registry.entry(name)
+    owner = next((p.name for p in plugins.loaded if p.label == entry.owner), None)
+    for impl in plugins.hook.diffulex_family_examples.get_hookimpls():
+        if impl.plugin_name == owner:
+            answer = call_impl(impl, {}, error=PluginError) or {}
+            if name in answer:
+                return _as_example("diffulex_family_examples", answer[name]).to_checkpoint
+    return getattr(plugins.registry.get(name), "to_checkpoint", None)
+
+
 def _meta_build(factory: Any, config: Mapping[str, Any]) -> Any:
     import torch
 
@@ -492,8 +510,8 @@ def _differences(expected: Any, actual: Any, where: str = "output") -> list[str]
         return _differences(vars(expected), vars(actual), where)
     try:
         return [] if expected == actual else [f"{where} is {actual!r}, the source's {expected!r}"]
-    except Exception:
-        return []  # values that cannot be compared are not our business
+    except Exception as exc:  # an unverifiable output must not pass as equal
+        return [f"{where} ({type(actual).__name__}) cannot be compared with the source's: {_error(exc)}"]
 
 
 def _check_outputs(result: CheckResult, name: str, example: FamilyExample, source: Any, twin: Any) -> None:

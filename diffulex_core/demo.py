@@ -159,14 +159,6 @@ def write_demo_tokenizer(directory: str | Path, vocab_size: int) -> Path:
     return directory
 
 
-def _to_checkpoint(factory: Any):
-    """The family's export to checkpoint names (``to_hf_state_dict`` beside its factory), or None
-    (the model's own ``state_dict``)."""
-    module = sys.modules.get(getattr(factory, "__module__", None) or "")
-    export = getattr(module, "to_hf_state_dict", None)
-    return export if callable(export) else None
-
-
 def write_demo_lora(directory: str | Path, checkpoint: str | Path, *, seed: int = 0) -> tuple[Path | None, list[str]]:
     """A PEFT adapter of rank ``LORA_RANK`` on every 2-D ``q_proj``/``v_proj`` weight of ``checkpoint``
     (small random A and B); (None, []) when it has none."""
@@ -310,6 +302,7 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
          dtype: str | None, device: str) -> dict[str, Any]:
     import torch
 
+    from .conformance import family_export
     from .family_models import build_for_checkpoint, checkpoint_config
     from .loader import load_checkpoint, plan_checkpoint
     from .lora import prepare_lora
@@ -341,7 +334,7 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
         source = factory(dict(config)).eval()
         rows = first_embedding_rows(source)  # a family may ignore vocab_size: the tokenizer fits what it built
         config.update(vocab_size=rows, mask_token_id=min(rows, len(vocab)) - 1)
-        to_checkpoint = _to_checkpoint(factory)
+        to_checkpoint = family_export(family)
         path = scratch / "checkpoint"
         from .testing import write_checkpoint
 

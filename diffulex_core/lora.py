@@ -130,8 +130,8 @@ class _Names:
 
     def __init__(self, model: nn.Module, mapping: PackedMapping) -> None:
         self.model, self.mapping = model, mapping
-        self.modules = {name: m for name, m in model.named_modules() if _supports_lora(m)}
         self.all_modules = dict(model.named_modules())
+        self.modules = {name: m for name, m in self.all_modules.items() if _supports_lora(m)}
 
     def locate(self, adapter_name: str) -> tuple[str, Any] | None:
         """(module name, shard id) of an adapter module name, as its ``.weight`` would be placed:
