@@ -153,6 +153,9 @@ class GenerationOutputs:
         self.split_prefill_time = 0.0  # a step's time split by its share of requests in each phase
         self.split_decode_time = 0.0
         self.skipped_requests = 0  # Diffulex requests whose prompt index was out of range
+        # Diffulex's TPF: a running sum of per-request decode TPFs, over requests with a decode step
+        self._tpf_sum = 0.0
+        self._tpf_requests = 0
         self._ints: list[int] = []  # one int object per step index, shared by all trajectories' steps
 
     # ------------------------------------------------------------------ recording
@@ -261,6 +264,8 @@ class GenerationOutputs:
                                  running if self.keep_snapshots else None, trace,
                                  self.statuses if trace is not None else None, batch_step, log, ints[index])
         traj.steps.append(step)
+        if not inp.is_prefill:  # before _count: the request's TPF so far leaves the sum
+            self._count_tpf(traj, inp.new_tokens)
         traj._count(step, elapsed)
         if inp.is_prefill:
             if inp.diffulex:
@@ -273,6 +278,15 @@ class GenerationOutputs:
             traj._apply(outcome)
             if outcome.finished:
                 traj._last_running = None  # no further diffs: free it
+
+    def _count_tpf(self, traj: ReqTrajectory, new_tokens: int) -> None:
+        """Replace the request's decode TPF in the running sum by its new one, with Diffulex's
+        arithmetic and in its order (so ``tpf`` is O(1) and equals Diffulex's to the last bit)."""
+        steps, tokens = traj.decode_steps, traj.decode_tokens
+        old = tokens / steps if steps > 0 else 0.0
+        if steps == 0:
+            self._tpf_requests += 1
+        self._tpf_sum += (tokens + new_tokens) / (steps + 1) - old
 
     def convert_to_text(self, tokenizer: Any) -> None:
         """Decode every trajectory as Diffulex does: ``full_text`` from ``full_token_ids`` (or
@@ -304,8 +318,9 @@ class GenerationOutputs:
 
     @property
     def tpf(self) -> float:
-        """Mean over requests of generated tokens / steps taken (prefill steps included)."""
-        return _seed_mean([t.generated_tokens / len(t.steps) for t in self.trajectories if t.steps])
+        """Mean over requests with a decode step of their decode tokens / decode steps (a prefill
+        step counts in neither); 0.0 with none."""
+        return self._tpf_sum / self._tpf_requests if self._tpf_requests > 0 else 0.0
 
     @property
     def ttft(self) -> float:
@@ -357,10 +372,9 @@ class GenerationOutputs:
 
     def fast_postfix(self) -> dict[str, str]:
         """Diffulex's O(1) progress-bar fields, from the batch counters alone."""
-        steps = max(self.num_steps, 1)
         elapsed = max(self.total_step_time, 0.001)
         decode_elapsed = max(self.decode_time, 0.001)
-        return dict(tpf=f"{self.batch_generated_tokens / steps:.2f}tok/step",
+        return dict(tpf=f"{self.tpf:.2f}tok/step",
                     dtps=f"{self.decode_tokens / decode_elapsed:.2f}tok/s",
                     e2eps=f"{self.batch_generated_tokens / elapsed:.2f}tok/s")
 
@@ -411,7 +425,7 @@ class GenerationOutputs:
             "prompt_id": t.prompt_id, "tokens": tokens, "generated_tokens": generated,
             "prompt_tokens": t.prompt_tokens, "nfe": t.nfe, "decode_steps": t.decode_steps,
             "decode_tokens": t.decode_tokens, "step_time": t.total_step_time, "decode_time": t.decode_time,
-            "tpf": _seed_ratio(generated, t.nfe), "e2e_tps": _seed_ratio(tokens, t.total_step_time),
+            "tpf": _seed_ratio(t.decode_tokens, t.decode_steps), "e2e_tps": _seed_ratio(tokens, t.total_step_time),
             "decode_tps": _seed_ratio(t.decode_tokens, t.decode_time),
             "ttft": t.first_token_step_time, "tpot": tpot,
             "decode_tpf": _ratio(generated, t.decode_steps), "batch_ttft": t.first_token_time,

@@ -43,11 +43,11 @@ def test_single_request_metrics():
     assert out.wall_throughput == approx(8 / 3.0)  # clock: 0.0 at creation, 3.0 after the last step
     assert out.avg_batch_e2e_tps == approx(8.0) and out.avg_generated_decode_tps == approx(16.0)
     # Diffulex's definitions under its names: one request that ran every step, so its own clock is
-    # the batch clock; tokens are the 5 before the EOS, TPF counts the prefill step
-    assert (r["tokens"], r["decode_tokens"], r["tpf"]) == (5, 8, approx(8 / 3))
+    # the batch clock; tokens are the 5 before the EOS; TPF is decode tokens / decode steps
+    assert (r["tokens"], r["decode_tokens"], r["tpf"]) == (5, 8, 4.0)
     assert r["ttft"] == approx(0.75) and r["tpot"] == approx(0.25 / 7)
     assert r["e2e_tps"] == approx(5 / 1.0) and r["decode_tps"] == approx(8 / 0.5)
-    assert out.tpf == approx(8 / 3) and out.ttft == approx(0.75) and out.tpot == approx(0.25 / 7)
+    assert out.tpf == 4.0 and out.ttft == approx(0.75) and out.tpot == approx(0.25 / 7)
     assert out.throughput == approx(8.0)
     assert out.prefill_throughput == approx(10 / 0.5) and out.decode_throughput == approx(8 / 0.5)
     assert out.e2e_throughput == approx(5 / 1.0)  # final tokens / step time
@@ -190,11 +190,11 @@ def test_jsonl_and_dict_export(tmp_path):
     [line] = path.read_text().splitlines()
     record = json.loads(line)
     assert record["token_ids"] == [5, 6, 7, 8, 9] and record["metrics"]["decode_tpf"] == 4.0
-    assert record["metrics"]["tpf"] == approx(8 / 3)
+    assert record["metrics"]["tpf"] == 4.0
     assert len(record["steps"]) == 3 and record["steps"][1]["changed_positions"] == [0, 1, 2, 3]
     assert [s["step_id"] for s in record["steps"]] == [0, 1, 2] and record["is_truncated"] is True
     exported = json.loads(json.dumps(out.to_dict()))["metrics"]
-    assert exported["decode_tpf"] == 4.0 and exported["tpf"] == approx(8 / 3)
+    assert exported["decode_tpf"] == 4.0 and exported["tpf"] == 4.0
 
 
 # --------------------------------------------------------------------------- decoding

@@ -170,14 +170,15 @@ def scripted(caplog=None) -> GenerationOutputs:
 
 # Per request, own steps only (step time, phase, new tokens):
 #   A (prompt 0): S1 0.5 prefill 0 | S2 0.25 decode 2 | S4 1.0 decode 3
-#       own time 1.75, generated 5, 3 steps, decode tokens 5 in 1.25 s, first token at 0.5+0.25 = 0.75,
-#       TPOT (1.75 - 0.75) / (5 - 1) = 0.25, final tokens [5, 6, 7, 8]: 4
+#       own time 1.75, generated 5, 3 steps, decode tokens 5 in 2 decode steps (TPF 2.5) and 1.25 s,
+#       first token at 0.5+0.25 = 0.75, TPOT (1.75 - 0.75) / (5 - 1) = 0.25, final tokens [5, 6, 7, 8]: 4
 #   B (prompt 1): S2 0.25 prefill 1 | S4 1.0 decode 2 | S5 0.5 decode 4
-#       own time 1.75, generated 7, 3 steps, decode tokens 6 in 1.5 s, first token at 0.25,
-#       TPOT (1.75 - 0.25) / (7 - 1) = 0.25, final tokens 7
+#       own time 1.75, generated 7, 3 steps, decode tokens 6 in 2 decode steps (TPF 3: the prefill
+#       step's token is in neither) and 1.5 s, first token at 0.25, TPOT (1.75 - 0.25) / (7 - 1) = 0.25,
+#       final tokens 7
 #   C (prompt 2): S4 1.0 prefill 0 | S5 0.5 decode 1 | S6 0.75 decode 0
-#       own time 2.25, generated 1, 3 steps, decode tokens 1 in 1.25 s, first token at 1.0+0.5 = 1.5,
-#       no TPOT (1 token), final tokens [40]: 1
+#       own time 2.25, generated 1, 3 steps, decode tokens 1 in 2 decode steps (TPF 0.5) and 1.25 s,
+#       first token at 1.0+0.5 = 1.5, no TPOT (1 token), final tokens [40]: 1
 # Batch (every request of a step, the skipped X included; S3 adds nothing):
 #   steps 5 (S1 S2 S4 S5 S6); time 0.5+0.25+1.0+0.5+0.75 = 3.0
 #   generated 0 + (2+1) + (3+2+0+4) + (4+1+2) + 0 = 19
@@ -195,7 +196,7 @@ def test_seed_metrics_by_hand():
     assert out.batch_generated_tokens == 19
     assert (out.prefill_tokens, out.prefill_time) == (25, approx(1.75))
     assert (out.decode_tokens, out.decode_time) == (18, approx(2.5))
-    assert out.tpf == approx((5 / 3 + 7 / 3 + 1 / 3) / 3)
+    assert out.tpf == approx((5 / 2 + 6 / 2 + 1 / 2) / 3)  # Diffulex's: decode tokens / decode steps
     assert out.ttft == approx((0.75 + 0.25 + 1.5) / 3)
     assert out.tpot == approx((0.25 + 0.25) / 2)  # C has one token: not counted
     assert out.throughput == approx(19 / 3.0)
@@ -233,11 +234,12 @@ def test_our_definitions_beside_the_seed():
 
 def test_postfix_and_fast_postfix_strings():
     out = scripted()
-    # tpf 13/9 = 1.444, ttft 2.5/3 = 0.833, tpot 0.25, e2eps 12/3 = 4, ptps 25/1.75 = 14.2857, dtps 18/2.5 = 7.2
-    assert out.postfix() == {"tpf": "1.44tok/step", "ttft": "0.83s", "tpot": "0.25s", "e2eps": "4.00tok/s",
+    # tpf (2.5 + 3 + 0.5) / 3 = 2, ttft 2.5/3 = 0.833, tpot 0.25, e2eps 12/3 = 4, ptps 25/1.75 = 14.2857,
+    # dtps 18/2.5 = 7.2
+    assert out.postfix() == {"tpf": "2.00tok/step", "ttft": "0.83s", "tpot": "0.25s", "e2eps": "4.00tok/s",
                              "ptps": "14.29tok/s", "dtps": "7.20tok/s"}
-    # counters only: 19 tokens / 5 steps = 3.8, 18 / 2.5 = 7.2, 19 / 3.0 = 6.333
-    assert out.fast_postfix() == {"tpf": "3.80tok/step", "dtps": "7.20tok/s", "e2eps": "6.33tok/s"}
+    # the same tpf (Diffulex keeps it as a running sum), 18 / 2.5 = 7.2, 19 / 3.0 = 6.333
+    assert out.fast_postfix() == {"tpf": "2.00tok/step", "dtps": "7.20tok/s", "e2eps": "6.33tok/s"}
 
 
 def test_log_summary_lines(caplog):
@@ -252,7 +254,7 @@ def test_log_summary_lines(caplog):
         "Total NFEs: 5 nfes (steps)",
         "Total Time: 3.0 sec",
         "E2E Time: 5.75 sec",
-        "TPF: 1.44 tok/step",
+        "TPF: 2.00 tok/step",
         "TTFT: 0.83 sec",
         "TPOT: 0.25 sec",
         "E2E Throughput: 4.00 tok/sec",
@@ -269,9 +271,9 @@ def test_request_metrics_seed_keys():
     out = scripted()
     a, b, c = (out.request_metrics(i) for i in range(3))
     pick = ("tokens", "decode_tokens", "decode_steps", "tpf", "e2e_tps", "decode_tps")
-    assert [a[k] for k in pick] == [4, 5, 2, approx(5 / 3), approx(4 / 1.75), approx(5 / 1.25)]
-    assert [b[k] for k in pick] == [7, 6, 2, approx(7 / 3), approx(7 / 1.75), approx(6 / 1.5)]
-    assert [c[k] for k in pick] == [1, 1, 2, approx(1 / 3), approx(1 / 2.25), approx(1 / 1.25)]
+    assert [a[k] for k in pick] == [4, 5, 2, approx(5 / 2), approx(4 / 1.75), approx(5 / 1.25)]
+    assert [b[k] for k in pick] == [7, 6, 2, approx(6 / 2), approx(7 / 1.75), approx(6 / 1.5)]
+    assert [c[k] for k in pick] == [1, 1, 2, approx(1 / 2), approx(1 / 2.25), approx(1 / 1.25)]
     assert (a["ttft"], b["ttft"], c["ttft"]) == (approx(0.75), approx(0.25), approx(1.5))
     assert (a["tpot"], b["tpot"], c["tpot"]) == (approx(0.25), approx(0.25), None)
     assert (a["prompt_tokens"], b["prompt_tokens"], c["prompt_tokens"]) == (8, 12, 5)
