@@ -140,6 +140,8 @@ def _stat(path: Path, what: str) -> os.stat_result:
     """``os.stat`` (following symlinks) with every failure turned into a typed error naming ``path``."""
     try:
         return os.stat(path)
+    except ValueError:  # the one name every OS call refuses before asking the OS: no path holds a NUL
+        raise CheckpointNotFoundError(f"{what} {_short(str(path))} does not exist: its name holds a NUL byte") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CheckpointFormatError(f"{what} {path} is a symlink loop (too many levels of symbolic links)") from None
@@ -272,20 +274,27 @@ def _from_index(index_path: Path) -> CheckpointFiles:
     for name in sorted(set(weight_map.values())):
         if posixpath.isabs(name) or name == ".." or name.startswith("../"):
             raise CheckpointFormatError(f"{index_path} names {_short(name)}, which lies outside the checkpoint directory {root}")
+        if "\x00" in name:  # no file name can hold one; os.stat would raise a bare ValueError
+            raise CheckpointFormatError(f"{index_path} names {_short(name)} (for tensor {_first(weight_map, name)} and "
+                                        f"others), which holds a NUL byte: no file can have that name")
         file = root / name
         _refuse_pickle(file)
         try:
             _regular_file(file, "shard")
         except CheckpointNotFoundError as exc:
-            tensor = next(t for t, f in weight_map.items() if f == name)
-            raise CheckpointFormatError(f"{index_path} names {_short(name)} (for tensor {_short(tensor)} and others), "
-                                        f"which does not exist ({exc})") from None
+            raise CheckpointFormatError(f"{index_path} names {_short(name)} (for tensor {_first(weight_map, name)} and "
+                                        f"others), which does not exist ({exc})") from None
         except CheckpointFormatError as exc:
             raise CheckpointFormatError(f"{index_path} names {_short(name)}: {exc}") from None
         files.append(file)
     ignored = sorted(p.name for p in root.glob("*.safetensors") if p not in set(files))
     notes = [f"ignored {name}: not named by {index_path.name}" for name in ignored]
     return CheckpointFiles(root, files, weight_map, notes)
+
+
+def _first(weight_map: dict[str, str], name: str) -> str:
+    """The first tensor the index sends to file ``name``, quoted for an error message."""
+    return _short(next(t for t, f in weight_map.items() if f == name))
 
 
 # --------------------------------------------------------------------------- JSON as serde_json reads it

@@ -419,6 +419,18 @@ def test_index_entry_absolute_path(tmp_path):
     expect_failure(root, CheckpointFormatError, INDEX, "outside the checkpoint directory")
 
 
+@pytest.mark.parametrize("name", ["model\x00.safetensors", "\x00", "sub/\x00/model.safetensors"])
+def test_index_entry_with_a_nul_byte_names_the_index(tmp_path, name):
+    """No OS path holds a NUL byte: os.stat would raise a bare ValueError ("embedded null byte")."""
+    write_sharded(tmp_path, index_overrides={"fc2.bias": name})
+    expect_failure(tmp_path, CheckpointFormatError, INDEX, "NUL byte", "'fc2.bias'")
+
+
+def test_checkpoint_path_with_a_nul_byte_is_a_typed_error(tmp_path):
+    write_single(tmp_path)
+    expect_failure(f"{tmp_path}/model\x00.safetensors", CheckpointNotFoundError, "NUL byte")
+
+
 def test_index_shards_symlinked_like_the_hf_cache_load(tmp_path):
     """A legitimate layout: snapshots/<rev>/<shard> -> ../../blobs/<sha>, as huggingface_hub writes it."""
     tensors = ckpt_tensors()
