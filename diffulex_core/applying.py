@@ -31,25 +31,28 @@ import torch
 from .errors import LoadApplyError, LoadPlanError
 from .checkpoint_slice import ByteMeter, CheckpointSlice, byte_runs
 from .device_staging import DeviceRead, choose_path
+from .interrupts import InterruptGate
 from .planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into, takes_slice
 from .reader import CastRead, DirectRead, read_direct, read_exact
-from .report import LoadReport, TensorPlacement
+from .report import LoadReport
 from .write_watch import ModelMemory, WriteWatcher
 
-__all__ = ["apply_plan", "problem_message"]
+__all__ = ["apply_plan", "problem_message", "WriteState"]
 
 PROGRESS_MIN_BYTES = 512 * 1024**2
 MAX_PROBLEMS_SHOWN = 10
 
 
-def problem_message(report: LoadReport, problems: list[str] | None = None, outcome: str = "nothing was loaded") -> str:
+def problem_message(report: LoadReport, problems: list[str] | None = None, outcome: str = "nothing was loaded",
+                    full_list: str = "LoadPlanError.report") -> str:
+    """The problems, the first few spelled out; ``full_list`` says where the caller finds the report."""
     problems = report.problems if problems is None else problems
     shown = problems[:MAX_PROBLEMS_SHOWN]
     more = len(problems) - len(shown)
     lines = [f"checkpoint {report.checkpoint}: {len(problems)} problem(s); {outcome}:"]
     lines += [f"  - {p}" for p in shown]
     if more:
-        lines.append(f"  ... and {more} more (LoadPlanError.report has them all)")
+        lines.append(f"  ... and {more} more ({full_list} has them all)")
     return "\n".join(lines)
 
 
@@ -76,14 +79,11 @@ def _dest(dests: Destinations, item: Planned) -> torch.Tensor | None:
     return dests.tensor(item.target.kind, item.target.name) if item.target.name else None
 
 
-def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, Planned]], fds: Mapping[Path, int],
-                 undo: str, fatal: tuple[str, ...], advance) -> None:
-    """Phase 1: run code the plan could not check, watching its writes; raise (undone) if fatal."""
-    report = plan.report
-    everything = {**dests.params, **dests.buffers}
-    watcher = WriteWatcher(ModelMemory(everything), keep_undo=undo == "bytes")
-    storages = {name: (t, t.data) for name, t in everything.items()}  # ``param.data = x`` swaps are writes too
+def _watched_loop(report: LoadReport, dests: Destinations, watched: list[tuple[int, Planned]],
+                  fds: Mapping[Path, int], watcher: WriteWatcher, advance, gate: InterruptGate | None) -> None:
     for index, item in watched:
+        if gate is not None:
+            gate.stop_if_requested()
         tensor = _read_tensor(item, fds)
         mark = watcher.mark()
         try:
@@ -95,14 +95,42 @@ def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, P
             into = f"into {item.target.kind} {item.target.name!r}{shard} " if item.target.name else ""
             problem = f"writing it {into}raised {type(exc).__name__}: {exc}"
             p = item.placement
-            report.placements[index] = TensorPlacement(p.name, p.file, p.shape, p.dtype, "rejected", p.target, p.rule,
-                                                       p.shard_id, problem)
+            report.placements[index] = p._replace(kind="rejected", note=problem)
             report.add_problem("rejected", f"tensor {p.name!r} in {p.file} ({p.rule}): {problem}")
             continue
         if item.target.kind == "loader" and not item.target.covers:
             for name in sorted(watcher.written_since(mark)):
                 report.written_by_loaders.setdefault(name, []).append(item.record.name)
         advance(item.record.nbytes)
+
+
+def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, Planned]], fds: Mapping[Path, int],
+                 undo: str, fatal: tuple[str, ...], advance, gate: InterruptGate, state: WriteState) -> None:
+    """Phase 1: run code the plan could not check, watching its writes; raise (undone) if fatal.
+
+    A held Ctrl-C (``gate``) stops it between two tensors, and at its end, with everything
+    undone where undo is possible; without undo copies it runs to the end."""
+    report = plan.report
+    everything = {**dests.params, **dests.buffers}
+    watcher = WriteWatcher(ModelMemory(everything), keep_undo=undo == "bytes")
+    storages = {name: (t, t.data) for name, t in everything.items()}  # ``param.data = x`` swaps are writes too
+
+    def undo_all() -> None:
+        watcher.rollback()
+        for t, data in storages.values():
+            if t.data_ptr() != data.data_ptr():
+                t.data = data
+
+    state.unrestored = undo == "none"  # from the first write on, nothing can put it back
+    try:
+        _watched_loop(report, dests, watched, fds, watcher, advance, gate if undo != "none" else None)
+        if undo != "none":
+            gate.stop_if_requested()
+    except BaseException:  # a held or second Ctrl-C, or a failure of our own
+        if undo == "bytes":
+            with gate.shield():
+                undo_all()
+        raise
     swapped = {name for name, (t, data) in storages.items() if t.data_ptr() != data.data_ptr()}
     for name in sorted(swapped):
         report.written_by_loaders.setdefault(name, []).append("(replaced its .data)")
@@ -119,14 +147,56 @@ def _run_watched(plan: LoadPlan, dests: Destinations, watched: list[tuple[int, P
         return
     written = sorted({name for name, _, _ in watcher.log} | swapped)
     if undo == "none" and written:
-        raise LoadApplyError(problem_message(report, blocking, outcome=(
+        raise LoadApplyError(problem_message(report, blocking, full_list="LoadApplyError.report", outcome=(
             f"model code had already written {len(written)} tensor(s), e.g. {written[0]!r}, which were not undone "
-            f"(no undo copies were kept: load_model, or load_checkpoint with rollback=False)")))
-    watcher.rollback()
-    for t, data in storages.values():
-        if t.data_ptr() != data.data_ptr():
-            t.data = data
+            f"(no undo copies were kept: load_model, or load_checkpoint with rollback=False)")), report)
+    with gate.shield():
+        undo_all()
+    state.unrestored = False
     raise LoadPlanError(problem_message(report, blocking), report)
+
+
+def _settle_aliases(plan: LoadPlan, dests: Destinations, fds: Mapping[Path, int], fatal: tuple[str, ...]) -> set[int]:
+    """Tensors that each write one destination whole (DiffusionGemma's ``layer_scalar`` in encoder
+    and decoder) are compared before anything is written; the indices of those not to write.
+
+    Same values: the first is written once, the others are noted as its aliases. Different: a
+    ``"conflicting"`` problem naming both (fatal for ``load_checkpoint``); otherwise the last in
+    Diffulex's reading order (file name, then tensor name) is written, as Diffulex's loader does.
+    """
+    report, not_written = plan.report, set()
+    for group in plan.aliases:
+        dest = _dest(dests, plan.items[group[0]])
+        values = {}
+        for index in group:
+            item = plan.items[index]
+            value = _read_tensor(item, fds)
+            if item.target.transform is not None:
+                value = item.target.transform(value)
+            values[index] = value.to(dest.dtype)
+        first, *others = group
+        same = all(values[i].shape == values[first].shape and torch.equal(values[i], values[first]) for i in others)
+        if same:
+            keep, why = first, f"alias of {plan.items[first].record.name!r}: the same values, written once"
+        else:
+            keep = max(group, key=lambda i: (plan.items[i].record.file.name, plan.items[i].record.name))
+            why = f"overridden by {plan.items[keep].record.name!r}: they differ, and the last read wins, as in Diffulex"
+            names = " and ".join(f"{plan.items[i].record.name!r} ({plan.items[i].record.file.name})" for i in group)
+            target = plan.items[keep].target
+            report.add_problem("conflicting", (
+                f"tensors {names} all write {target.kind} {target.name!r} whole and hold different values; "
+                f"a load that goes on writes {plan.items[keep].record.name!r}, the last in Diffulex's reading order"))
+        for index in group:
+            if index == keep:
+                continue
+            not_written.add(index)
+            p = plan.items[index].placement
+            report.placements[index] = p._replace(kind="skip" if not same else p.kind, note=why)
+            plan.items[index].placement = report.placements[index]
+    blocking = report.problems_of(*fatal)
+    if blocking:
+        raise LoadPlanError(problem_message(report, blocking), report)
+    return not_written
 
 
 def _reads_into(item: Planned, dest: torch.Tensor, direct: list[DirectRead], casts: list[CastRead]) -> None:
@@ -163,11 +233,22 @@ def _by_device(reads: list[DeviceRead]) -> list[list[DeviceRead]]:
     return list(groups.values())
 
 
+class WriteState:
+    """Whether the model's memory holds writes of this load that nothing can put back any more."""
+
+    unrestored = False
+
+
 def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, threads: int | None,
-               undo: str, fatal: tuple[str, ...], cuda_path: str = "auto") -> None:
+               undo: str, fatal: tuple[str, ...], cuda_path: str = "auto", gate: InterruptGate | None = None,
+               state: WriteState | None = None) -> None:
     """Write every planned tensor; ``fatal`` problem kinds found while applying undo phase 1 and raise.
 
-    ``cuda_path`` picks how bytes reach CUDA destinations (``device_staging.choose_path``)."""
+    ``cuda_path`` picks how bytes reach CUDA destinations (``device_staging.choose_path``).
+    ``gate`` is asked for a held Ctrl-C where the load can still stop with the model whole;
+    ``state`` says, when this raises, whether the model holds writes that were not undone."""
+    gate = gate or InterruptGate()
+    state = state or WriteState()
     report = plan.report
     work = [(i, item) for i, item in enumerate(plan.items) if item.placement.kind in WRITTEN_KINDS]
     show = progress if progress is not None else (sys.stderr.isatty() and report.bytes_total >= PROGRESS_MIN_BYTES)
@@ -184,9 +265,14 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
     fds = plan.open_files.fds
     try:
         with torch.no_grad():
+            if plan.aliases:
+                once = _settle_aliases(plan, dests, fds, fatal)
+                work = [(i, item) for i, item in work if i not in once]
             watched = [(i, item) for i, item in work if item.watched]
             if watched or plan.pending:
-                _run_watched(plan, dests, watched, fds, undo, fatal, advance)
+                _run_watched(plan, dests, watched, fds, undo, fatal, advance, gate, state)
+            else:
+                gate.stop_if_requested()  # nothing written yet: stop cleanly
             direct, casts, device, coded = [], [], [], []
             for _, item in work:  # ``dests`` keeps every destination alive while its address is in use
                 if item.watched:
@@ -199,6 +285,7 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                     _device_reads_into(item, dest, device)
                 else:
                     coded.append((item, dest))
+            state.unrestored = True  # from here on bytes move without undo copies: finish, or mark the model
             read_direct(direct, fds, casts=casts, threads=threads, on_progress=advance)
             for group in _by_device(device):  # a staging ring per device; the report says which path ran
                 stats = choose_path(cuda_path)(group, fds, threads=threads, on_progress=advance)

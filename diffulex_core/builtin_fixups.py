@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import TokenizerLoadError
 from .hookspecs import hookimpl
 from .special_tokens import STANDARD_SPECIAL_TOKENS
 
@@ -26,9 +27,18 @@ def diffulex_fix_tokenizer(path, tokenizer_config, error):
       ``AutoTokenizer`` points to a module file the directory does not have (a dangling
       ``auto_map``: with ``trust_remote_code=True``, ``AutoTokenizer`` tries to import it and
       fails). The class the config names is used; ``trust_remote_code`` is never turned on.
+    - the tokenizer built cannot encode text (``error`` is a ``TokenizerLoadError`` whose
+      ``tokenizer`` is the one built) and is not a ``PreTrainedTokenizerFast`` already:
+      transformers 5 may build a model-type class (``Qwen2Tokenizer``) that drops every word of
+      another model's ``tokenizer.json``, which itself encodes them.
     """
     if not (Path(path) / "tokenizer.json").is_file():
         return None
+    if isinstance(error, TokenizerLoadError) and getattr(error, "tokenizer", None) is not None:
+        import transformers
+
+        return None if type(error.tokenizer) is transformers.PreTrainedTokenizerFast else {
+            "tokenizer_class": "PreTrainedTokenizerFast"}
     tokenizer_class = tokenizer_config.get("tokenizer_class")
     if tokenizer_class == "TokenizersBackend":
         return _tokenizers_backend(tokenizer_config)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, NamedTuple
 
 from .errors import WeightSpecError
@@ -80,10 +80,52 @@ class ResolvedWeight:
         if not prefix or not any(isinstance(n, str) for n in (self.param, self.buffer, *self.covers)):
             return self  # objects, or no names: nothing to rebase (and nothing to validate again)
         join = lambda n: f"{prefix}.{n}" if isinstance(n, str) else n  # noqa: E731
-        return ResolvedWeight(
-            param=join(self.param), buffer=join(self.buffer), shard_id=self.shard_id, transform=self.transform,
-            loader=self.loader, skip=self.skip, reason=self.reason, covers=tuple(join(n) for n in self.covers),
-        )
+        return replace(self, param=join(self.param), buffer=join(self.buffer), covers=tuple(join(n) for n in self.covers))
+
+
+@dataclass(frozen=True)
+class ConvertedResolvedWeight(ResolvedWeight):
+    """A ``ResolvedWeight`` made from an object of another class with its fields (Diffulex's own
+    ``diffulex.utils.checkpoint.ResolvedWeight``, say); ``converted_from`` names that class, and
+    the load report's placement note says so."""
+
+    converted_from: str = ""
+
+    @property
+    def conversion_note(self) -> str:
+        return f"converted from {self.converted_from}; import ResolvedWeight from diffulex_core.checkpoint instead"
+
+    def plain(self) -> ResolvedWeight:
+        return ResolvedWeight(**{f.name: getattr(self, f.name) for f in fields(ResolvedWeight)})
+
+
+def as_resolved_weight(value: Any, who: str, tensor: str) -> ResolvedWeight:
+    """``value``, a resolver's answer for checkpoint tensor ``tensor`` that is not None, as a
+    ``ResolvedWeight``.
+
+    An object of another class named ``ResolvedWeight`` whose dataclass fields are all ours
+    (Diffulex's own, from model code that still imports it from ``diffulex.utils.checkpoint``) is
+    converted. Anything else is a ``WeightSpecError`` naming ``who`` answered, the class and its
+    module, and for a foreign ``ResolvedWeight`` the import to change.
+    """
+    if isinstance(value, ResolvedWeight):
+        return value
+    cls = type(value)
+    kind = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    expected = f"{who} returned {kind} for {tensor!r}; expected ResolvedWeight or None"
+    if cls.__name__ != "ResolvedWeight":
+        raise WeightSpecError(expected)
+    change = (f"import it from diffulex_core.checkpoint (`from diffulex_core.checkpoint import ResolvedWeight`), "
+              f"not from {cls.__module__}")
+    theirs = [f.name for f in fields(value)] if is_dataclass(value) else None
+    ours = {f.name for f in fields(ResolvedWeight)}
+    if theirs is None or not set(theirs) <= ours:
+        has = "is not a dataclass" if theirs is None else f"has fields ours lacks: {', '.join(sorted(set(theirs) - ours))}"
+        raise WeightSpecError(f"{expected}: that class {has}, so it cannot be converted; {change}")
+    try:
+        return ConvertedResolvedWeight(**{name: getattr(value, name) for name in theirs}, converted_from=kind)
+    except WeightSpecError as exc:
+        raise WeightSpecError(f"{who} returned {kind} for {tensor!r}, which cannot be converted: {exc}") from None
 
 
 def _is_destination(value: Any) -> bool:

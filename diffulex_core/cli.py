@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from typing import Any, Sequence
 
 from .errors import DiffulexError
@@ -44,14 +45,39 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole path on a tiny random model (or ``--checkpoint``): see ``diffulex_core.demo``."""
     from .demo import main
+    from .loader import check_device
 
+    check_device(args.device)  # before anything is built
     return main(args)
 
 
-def _build(family: str, path: str, device: str, dtype: str | None):
-    from .family_models import build_for_checkpoint
+def _failure(args: argparse.Namespace, exc: BaseException) -> dict[str, Any]:
+    """The one JSON object a failed ``--json`` command prints, so a caller never parses stderr."""
+    return {"ok": False, "command": args.command, "error": {"type": type(exc).__name__, "message": str(exc)}}
 
-    return build_for_checkpoint(family, path, device, dtype)[0]
+
+def _problems(report, outcome: str) -> dict[str, Any]:
+    """A report's problems as the error a strict load raises for them (``--json`` of a plan, or of
+    a ``--no-strict`` load, that found some)."""
+    from .applying import problem_message
+
+    return {"type": "LoadPlanError", "message": problem_message(report, outcome=outcome)}
+
+
+def _model_info(family: str, model, device: str, dtype_note: str) -> dict[str, Any]:
+    """The model a command built: its dtype and where that came from, as the text output says."""
+    built, _, source = dtype_note.removesuffix(")").partition(" (from ")
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+    return {"family": family, "class": type(model).__qualname__, "device": device, "dtype": dtype,
+            "dtype_source": source if built != "the family default" else f"the family default ({source})"}
+
+
+def _transform(p) -> str:
+    """`` [transform: NAME]`` for a placement whose tensor goes through a transform (`` [transform]``
+    for a lambda), so it is not mistaken for a plain copy."""
+    if not getattr(p, "transform", None):
+        return ""
+    return " [transform]" if p.transform == "<lambda>" else f" [transform: {p.transform}]"
 
 
 def _print_report(report, *, show_tensors: bool) -> None:
@@ -60,7 +86,7 @@ def _print_report(report, *, show_tensors: bool) -> None:
             target = p.target or p.note or "-"
             shard = f" [shard {p.shard_id!r}]" if p.shard_id is not None else ""
             note = f"; {p.note}" if p.note and p.target else ""
-            print(f"  {p.name}  {p.dtype}{list(p.shape)}  -> {p.kind} {target}{shard}  ({p.rule}{note})")
+            print(f"  {p.name}  {p.dtype}{list(p.shape)}  -> {p.kind} {target}{shard}{_transform(p)}  ({p.rule}{note})")
     for note in report.notes:
         print(f"note: {note}")
     for problem in report.problems:
@@ -74,14 +100,19 @@ def _print_report(report, *, show_tensors: bool) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device and plan the load from headers alone."""
+    from .family_models import build_for_checkpoint
     from .loader import plan_checkpoint
 
-    model = _build(args.family, args.checkpoint, "meta", None)
+    model, dtype_note = build_for_checkpoint(args.family, args.checkpoint, "meta", None)
     report = plan_checkpoint(model, args.checkpoint, family=args.family).report
     if args.json:
-        _print_json(report.to_dict())
+        data = {"model": _model_info(args.family, model, "meta", dtype_note), **report.to_dict()}
+        if not report.ok:  # what a strict load of this checkpoint would raise
+            data["error"] = _problems(report, "a load would fail")
+        _print_json(data)
     else:
-        print(f"plan for {args.checkpoint} into family {args.family} ({type(model).__qualname__}, meta device):")
+        print(f"plan for {args.checkpoint} into family {args.family} ({type(model).__qualname__}, meta device, "
+              f"{dtype_note}):")
         _print_report(report, show_tensors=True)
     return 0 if report.ok else 1
 
@@ -90,26 +121,31 @@ def cmd_load(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device, then load (materializing it on --device)."""
     from .errors import LoadPlanError
     from .family_models import build_for_checkpoint
-    from .loader import load_checkpoint
+    from .loader import check_device, load_checkpoint
     from .lora import prepare_lora
 
     if args.merge and not args.lora:
         print("diffulex: --merge needs --lora DIR", file=sys.stderr)
         return 2
+    check_device(args.device)
     model, dtype_note = build_for_checkpoint(args.family, args.checkpoint, "meta", args.dtype)
+    info = _model_info(args.family, model, args.device, dtype_note)
     # The adapter is checked (and its adapters added, on the meta device) before the base load.
     prepared = prepare_lora(model, args.lora, merge=args.merge) if args.lora else None
     try:
         report = load_checkpoint(model, args.checkpoint, family=args.family, device=args.device, strict=not args.no_strict)
     except LoadPlanError as exc:
         if args.json:
-            _print_json(exc.report.to_dict())
+            _print_json({"model": info, **exc.report.to_dict(), **_failure(args, exc)})
         print(f"diffulex: LoadPlanError: {exc}", file=sys.stderr)
         return 1
     if prepared is not None:
         report.lora = prepared.apply()
     if args.json:
-        _print_json(report.to_dict())
+        data = {"model": info, **report.to_dict()}
+        if not report.ok:
+            data["error"] = _problems(report, "the rest was loaded (--no-strict)")
+        _print_json(data)
     else:
         print(f"{args.family} model built on {args.device} in {dtype_note}")
         _print_report(report, show_tensors=False)
@@ -158,9 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A failure is a message on stderr and status 1 (no traceback for our typed
+    errors); with ``--json`` it is also one JSON object on stdout, whatever raised (a bad device
+    fails inside torch), so a caller never has to parse stderr."""
     args = build_parser().parse_args(argv)
+    as_json = getattr(args, "json", False)
     try:
         return args.func(args)
-    except DiffulexError as exc:
+    except Exception as exc:
+        if not (as_json or isinstance(exc, DiffulexError)):
+            raise  # not ours and not asked for JSON: the traceback is the useful report
+        if not isinstance(exc, DiffulexError):
+            traceback.print_exc()  # on stderr: stdout stays one JSON object
         print(f"diffulex: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if as_json:
+            _print_json(_failure(args, exc))
         return 1

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from .plugins import PluginInfo, Plugins
 
-__all__ = ["Check", "CheckResult", "FamilyExample", "check_plugin", "cmd_check", "family_export"]
+__all__ = ["Check", "CheckResult", "FamilyExample", "check_plugin", "cmd_check", "family_example", "family_export"]
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 NO_EXAMPLE = ("no example config: build, round trip not tested; "
@@ -232,21 +232,16 @@ def _check_discovery(result: CheckResult, info: PluginInfo, plugins: Plugins, ho
 def _examples(result: CheckResult, info: PluginInfo, plugins: Plugins) -> dict[str, tuple[str, Any]]:
     """This plugin's own examples ``{family: (source, example)}``; its answers for families it does
     not own are problems. Other plugins' answers for its families are their problems, not used here."""
-    from .errors import PluginError
-    from .plugins import call_impl
+    from .plugins import plugin_answers
 
     owners = {e.name: e for e in plugins.registry.entries()}
     mine: dict[str, tuple[str, Any]] = {}
-    for impl in plugins.hook.diffulex_family_examples.get_hookimpls():
-        if impl.plugin_name != info.name:
-            continue
-        try:
-            answer = call_impl(impl, {}, error=PluginError)
-        except Exception as exc:
-            result.add(None, "examples", FAIL, f"diffulex_family_examples failed: {exc}")
-            continue
-        if answer is None:
-            continue
+    try:
+        answers = plugin_answers(plugins.manager, "diffulex_family_examples", info.name)
+    except Exception as exc:
+        result.add(None, "examples", FAIL, f"diffulex_family_examples failed: {exc}")
+        answers = []
+    for answer in answers:
         if not isinstance(answer, Mapping):
             result.add(None, "examples", FAIL, f"diffulex_family_examples returned {type(answer).__name__}, "
                                                f"expected a mapping {{family: config or FamilyExample}}")
@@ -293,28 +288,49 @@ def _factory_example(factory: Any) -> tuple[str, Any] | None:
     return "factory.example_config", FamilyExample(config, to_checkpoint=getattr(factory, "to_checkpoint", None))
 
 
-def family_export(name: str) -> Callable[[nn.Module], Mapping[str, Tensor]] | None:
-    """Family ``name``'s export to checkpoint names, as its plugin declares it for this check (its
-    own ``diffulex_family_examples`` answer, else ``factory.to_checkpoint``); None: the model's
-    ``state_dict`` names are its checkpoint names."""
-    from .errors import PluginError
-    from .plugins import call_impl, get_plugins
+def family_example(name: str) -> tuple[str, FamilyExample] | None:
+    """Family ``name``'s example as its plugin declares it for this check (its own
+    ``diffulex_family_examples`` answer, else ``factory.example_config``) and where it came from;
+    None when it has none. ``diffulex demo`` builds its tiny model from it."""
+    from .errors import FamilyError
+    from .plugins import get_plugins, plugin_answers
 
     plugins = get_plugins()
     entry = plugins.registry.entry(name)
     owner = next((p.name for p in plugins.loaded if p.label == entry.owner), None)
-    for impl in plugins.hook.diffulex_family_examples.get_hookimpls():
-        if impl.plugin_name == owner:
-            answer = call_impl(impl, {}, error=PluginError) or {}
+    try:
+        for answer in plugin_answers(plugins.manager, "diffulex_family_examples", owner) if owner else ():
             if name in answer:
-                return _as_example("diffulex_family_examples", answer[name]).to_checkpoint
-    return getattr(plugins.registry.get(name), "to_checkpoint", None)
+                source = f"the diffulex_family_examples answer of {entry.owner}"
+                return source, _as_example("diffulex_family_examples", answer[name])
+        found = _factory_example(plugins.registry.get(name))
+    except TypeError as exc:  # an answer of the wrong type: a plugin bug, named
+        raise FamilyError(f"family {name!r} of {entry.owner}: its example is unusable: {exc}") from None
+    return None if found is None else (f"{entry.factory_name}.example_config", found[1])
+
+
+def family_export(name: str) -> Callable[[nn.Module], Mapping[str, Tensor]] | None:
+    """Family ``name``'s export to checkpoint names, as its plugin declares it for this check (its
+    own ``diffulex_family_examples`` answer, else ``factory.to_checkpoint``); None: the model's
+    ``state_dict`` names are its checkpoint names."""
+    from .registry import get_family
+
+    found = family_example(name)
+    return found[1].to_checkpoint if found is not None else getattr(get_family(name), "to_checkpoint", None)
 
 
 def _meta_build(factory: Any, config: Mapping[str, Any]) -> Any:
     import torch
 
     with torch.device("meta"):
+        return factory(dict(config))
+
+
+def _empty_build(factory: Any, config: Mapping[str, Any]) -> Any:
+    """The model as our tools build it for a load: parameters on meta, buffers computed."""
+    from .empty_weights import init_empty_weights
+
+    with init_empty_weights():
         return factory(dict(config))
 
 
@@ -354,7 +370,7 @@ def _check_family(result: CheckResult, name: str, plugins: Plugins, given: tuple
     count = sum(p.numel() for p in twin.parameters())
     result.add(name, "build (meta)", PASS, f"{type(twin).__qualname__}, {count:,} parameters")
     with torch.random.fork_rng(devices=[]):
-        _round_trip(result, name, factory, example, twin, seed)
+        _round_trip(result, name, factory, example, _empty_build(factory, example.config), seed)
 
 
 def _round_trip(result: CheckResult, name: str, factory: Any, example: FamilyExample, twin: Any, seed: int) -> None:

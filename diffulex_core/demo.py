@@ -1,10 +1,13 @@
 """``diffulex demo``: the whole library on one path, from checkpoint files to generation metrics.
 
 On its embedded default (no arguments) the demo writes, in a temporary directory, a tiny random
-checkpoint of a family (the first installed, alphabetically, or ``--family``) under the family's
-real checkpoint names and sharded in two, a word-level tokenizer whose ``tokenizer_config.json``
-needs one of the built-in fixups to load, and a PEFT LoRA adapter on the checkpoint's
-``q_proj``/``v_proj`` projections. Then it runs what an engine runs:
+checkpoint of a family (``--family``, else the first installed, alphabetically, that has an
+example) built from the example config its plugin gives ``diffulex check``
+(``diffulex_family_examples`` or ``factory.example_config``; a family's defaults may be full
+size) with the demo's vocabulary, under the family's real checkpoint names and sharded in two; a
+word-level tokenizer whose ``tokenizer_config.json`` needs one of the built-in fixups to load;
+and a PEFT LoRA adapter on the checkpoint's ``q_proj``/``v_proj`` projections (none when it has
+none). Then it runs what an engine runs:
 
 1. plugins (``get_plugins``) and the family's factory;
 2. the plan (``plan_checkpoint``) from the safetensors headers alone;
@@ -288,6 +291,37 @@ def _main_metrics(outputs: Any) -> dict[str, dict[str, Any]]:
     }
 
 
+def _family_and_example(family: str | None, plugins: Any) -> tuple[str, tuple[str, Any]]:
+    """(family, (where its example came from, FamilyExample)). The tiny model is built from the
+    example its plugin gives ``diffulex check``: a family's defaults may be full size (a GPT-2
+    family's are 86M parameters), and only the plugin knows a small config that works. Without
+    ``--family``: the first family, alphabetically, that has one."""
+    from .conformance import family_example
+    from .errors import FamilyError
+
+    if family is not None:
+        found = family_example(family)
+        if found is None:
+            entry = plugins.registry.entry(family)
+            raise FamilyError(f"family {family!r} of {entry.owner} gives no example config "
+                              f"(diffulex_family_examples or factory.example_config), so the demo cannot tell "
+                              f"which small config builds it; add one (see docs/writing-a-plugin.md), or run "
+                              f"the demo on a checkpoint: diffulex demo --checkpoint DIR --family {family}")
+        return family, found
+    names = plugins.registry.names()
+    if not names:
+        raise DiffulexError("no model family is installed; install a family plugin such as plugins/diffulex-llada")
+    for name in names:
+        try:
+            found = family_example(name)
+        except DiffulexError:  # a broken plugin: the next family may still run
+            continue
+        if found is not None:
+            return name, found
+    raise FamilyError(f"no installed family gives an example config (diffulex_family_examples or "
+                      f"factory.example_config): {', '.join(names)}; pass --checkpoint DIR --family NAME")
+
+
 def run_demo(*, family: str | None = None, checkpoint: str | Path | None = None, lora: str | Path | None = None,
              dtype: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run the demo and return everything it found, JSON-ready (see the module docstring)."""
@@ -302,7 +336,6 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
          dtype: str | None, device: str) -> dict[str, Any]:
     import torch
 
-    from .conformance import family_export
     from .family_models import build_for_checkpoint, checkpoint_config
     from .loader import load_checkpoint, plan_checkpoint
     from .lora import prepare_lora
@@ -311,14 +344,17 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
     from .tokenizer import auto_tokenizer_from_pretrained
 
     plugins = get_plugins()
-    family = family or next(iter(plugins.registry.names()), None)
-    if family is None:
-        raise DiffulexError("no model family is installed; install a family plugin such as plugins/diffulex-llada")
+    chosen = "--family" if family else "the first installed family, alphabetically, with an example config"
+    example = None
+    if checkpoint is None:
+        family, example = _family_and_example(family, plugins)
+    elif family is None:
+        raise DiffulexError("demo --checkpoint DIR needs --family NAME")
     entry = plugins.registry.entry(family)
     factory = plugins.registry.get(family)
     result: dict[str, Any] = {
         "mode": "embedded default" if checkpoint is None else "checkpoint",
-        "family": family, "factory": entry.factory_name, "owner": entry.owner,
+        "family": family, "family_chosen_by": chosen, "factory": entry.factory_name, "owner": entry.owner,
         "families": plugins.registry.names(), "plugins": plugins.to_dict(),
         "plugin_failures": [f.describe() for f in plugins.failures],
         "warning": RANDOM_WARNING if checkpoint is None else None,
@@ -328,13 +364,14 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
     source = None
     if checkpoint is None:
         torch.manual_seed(0)
+        config_source, example = example
         vocab = _vocabulary(len(_WORDS) + 4)
-        config = {"vocab_size": len(vocab), "mask_token_id": len(vocab) - 1, "eos_token_id": vocab.index(EOS_TOKEN),
-                  "pad_token_id": vocab.index(PAD_TOKEN), "dtype": "float32"}
+        config = {**example.config, "vocab_size": len(vocab), "mask_token_id": len(vocab) - 1,
+                  "eos_token_id": vocab.index(EOS_TOKEN), "pad_token_id": vocab.index(PAD_TOKEN), "dtype": "float32"}
         source = factory(dict(config)).eval()
         rows = first_embedding_rows(source)  # a family may ignore vocab_size: the tokenizer fits what it built
         config.update(vocab_size=rows, mask_token_id=min(rows, len(vocab)) - 1)
-        to_checkpoint = family_export(family)
+        to_checkpoint = example.to_checkpoint
         path = scratch / "checkpoint"
         from .testing import write_checkpoint
 
@@ -344,13 +381,14 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
         lora_dir, lora_targets = write_demo_lora(scratch / "lora", path)
         result["checkpoint"] = {
             "path": str(path), "written_by_demo": True, "shards": 2, "config": config,
+            "config_source": config_source,
             "names": (f"{to_checkpoint.__module__}.{to_checkpoint.__name__}" if to_checkpoint
                       else "the model's state_dict"),
             "files": sorted(p.name for p in path.iterdir()),
         }  # fmt: skip
         result["lora_note"] = (f"adapter written by the demo on {len(lora_targets)} q_proj/v_proj projection(s), "
                                f"r={LORA_RANK}, lora_alpha={LORA_ALPHA:g}" if lora_dir else
-                               "no 2-D q_proj/v_proj weights in the checkpoint: LoRA skipped")
+                               "none: the checkpoint has no 2-D q_proj/v_proj weight for the demo's adapter to target")
     else:
         path = Path(checkpoint)
         config = checkpoint_config(path) if path.exists() else {}
@@ -411,9 +449,10 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
         with torch.no_grad():
             expected, got = source(check), model(check)
         result["logits_shape"] = list(got.shape)
+        result["source_has_adapter"] = lora_dir is not None
         result["identical_to_source"] = bool(torch.equal(expected, got))
     else:
-        result["logits_shape"], result["identical_to_source"] = None, None
+        result["logits_shape"], result["identical_to_source"], result["source_has_adapter"] = None, None, None
 
     # 5. decoding, recorded step by step
     outputs, log = decode(model, tokenizer, PROMPTS, mask_id=mask_id, eos_ids=eos_ids, vocab_limit=vocab_limit,
@@ -450,7 +489,7 @@ def print_text(result: dict[str, Any], out: Any = None) -> None:
     if result["warning"]:
         say(f"NOTE: {result['warning']}.")
     say(f"diffulex demo, {result['mode']}: family {result['family']} "
-        f"(factory {result['factory']} from {result['owner']})")
+        f"(factory {result['factory']} from {result['owner']}; chosen by {result['family_chosen_by']})")
     say()
     plugins = result["plugins"]
     say(f"plugins ({len(plugins['plugins'])} loaded, {len(plugins['failures'])} failed):")
@@ -464,6 +503,7 @@ def print_text(result: dict[str, Any], out: Any = None) -> None:
     if ckpt["written_by_demo"]:
         say(f"checkpoint written by the demo: {ckpt['path']}")
         say(f"  {ckpt['shards']} shards under {ckpt['names']} names: {', '.join(ckpt['files'])}")
+        say(f"  model config from {ckpt['config_source']}, with the demo's vocabulary, special-token ids and dtype")
         say(f"  config.json: {json.dumps(ckpt['config'])}")
     else:
         say(f"checkpoint: {ckpt['path']}")
@@ -489,7 +529,8 @@ def print_text(result: dict[str, Any], out: Any = None) -> None:
                 say(f"    {a['adapter']} -> {module}{shard}  r={a['r']} alpha={a['lora_alpha']:g} "
                     f"scaling={a['scaling']:.4g}")
     if result["identical_to_source"] is not None:
-        say(f"  loaded model (+ the same adapter on the source) reproduces the source's logits "
+        adapter = " (+ the same adapter on the source)" if result.get("source_has_adapter") else ""
+        say(f"  loaded model{adapter} reproduces the source's logits "
             f"{tuple(result['logits_shape'])} exactly: {result['identical_to_source']}")
     tok = result["tokenizer"]
     say()

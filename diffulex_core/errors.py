@@ -23,6 +23,15 @@ class PluginLoadError(PluginError):
         super().__init__("\n".join(lines))
 
 
+class PluginHookError(PluginError):
+    """A plugin's hook implementation raised: ``plugin`` (a ``PluginInfo``) and ``hook`` say whose
+    and which; the original exception is the ``__cause__``."""
+
+    def __init__(self, plugin, hook: str, error: BaseException) -> None:
+        super().__init__(f"{plugin.label}: {hook} raised {type(error).__name__}: {error}")
+        self.plugin, self.hook = plugin, hook
+
+
 class FamilyError(DiffulexError, LookupError):
     """A model-family lookup failed."""
 
@@ -67,7 +76,22 @@ class LoadPlanError(LoadError):
 
 
 class LoadApplyError(LoadError):
-    """Plugin or model code (a custom loader) raised while tensors were being written."""
+    """Writing tensors failed part-way (model code raised, or a read failed). The model is left
+    as it was where undo was possible; otherwise it is marked as partly written (its forward
+    raises ``PartialLoadError``). ``report`` is the load's ``LoadReport`` where one was made."""
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class PartialLoadError(LoadError):
+    """The model was left partly written by a failed load (``partial``, a ``PartialLoad``, says
+    which and why); its forward refuses to run until a load into it writes every parameter."""
+
+    def __init__(self, message: str, partial) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class WeightSpecError(LoadError, ValueError):
@@ -105,9 +129,9 @@ class LoadWarning(UserWarning):
 
 
 class TokenizerLoadError(DiffulexError):
-    """A tokenizer could not be built, for a reason we can name (missing directory, bad JSON,
-    a fixup that asked for something it may not). Errors from transformers itself propagate
-    unchanged."""
+    """A tokenizer could not be built, for a reason we can name (missing directory, a tokenizer
+    JSON file that is not a JSON object, a built tokenizer that cannot encode text, a fixup that
+    asked for something it may not). Other errors from transformers propagate unchanged."""
 
 
 class ParallelConfigError(DiffulexError, ValueError):

@@ -66,9 +66,11 @@ def checkpoint_dtype(path: str | Path, config: dict | None = None) -> tuple[Any,
 
 def build_for_checkpoint(family: str, path: str | Path, device: Any = "meta", dtype: str | None = None):
     """``(model, dtype note)``: the family's model from the checkpoint's config, on ``device``, in
-    ``dtype`` (a name) or else the checkpoint's dtype."""
+    ``dtype`` (a name) or else the checkpoint's dtype. ``"meta"`` puts the parameters on the meta
+    device and keeps computed buffers real (``init_empty_weights``)."""
     import torch
 
+    from .empty_weights import init_empty_weights
     from .registry import get_family
 
     config = checkpoint_config(path)
@@ -77,7 +79,8 @@ def build_for_checkpoint(family: str, path: str | Path, device: Any = "meta", dt
     else:
         torch_dtype, source = checkpoint_dtype(path, config)
     factory = get_family(family)
-    with torch.device(device):
+    # On meta: parameters only; buffers computed in __init__ (rotary caches) keep their values.
+    with init_empty_weights() if str(device) == "meta" else torch.device(device):
         model = factory(config)
     if torch_dtype is not None:
         model = model.to(torch_dtype)

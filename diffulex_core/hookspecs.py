@@ -4,6 +4,13 @@ A plugin is a module (or object) named by an entry point in the group ``diffulex
 its functions marked with :data:`diffulex_core.hookimpl` are the implementations.
 An implementation may accept any subset of a hook's parameters, so hooks can gain
 optional parameters without breaking plugins written against older ones.
+
+Hooks are called through pluggy, so ``tryfirst``/``trylast`` ordering and tracing
+(``get_plugin_manager().enable_tracing()``) work as pluggy documents. Hook wrappers
+(``@hookimpl(wrapper=True)``, or the old-style ``hookwrapper=True``) are accepted on the hooks
+with one answer (``firstresult``: ``diffulex_resolve_weight``, ``diffulex_fix_tokenizer``). The
+other hooks keep each plugin's answer apart, attributed to that plugin, or call each plugin alone
+(``diffulex_register_families``); a wrapper of one of them fails the plugin at discovery.
 """
 
 import pluggy
@@ -42,7 +49,9 @@ def diffulex_resolve_weight(model, name, ctx):
     :param name: the tensor's full name in the checkpoint.
     :param ctx: a ``LoadContext`` (family, engine config, tensor-parallel rank and size).
     :return: a ``ResolvedWeight``, or ``None`` to let the next resolver try.
-        The first non-``None`` result wins.
+        The first non-``None`` result wins; the load report names its plugin (rule
+        ``plugin:<entry-point name>``). A hook wrapper may replace the answer (it is then named).
+        Diffulex's own ``ResolvedWeight`` class (same fields) is converted, and the report says so.
     """
 
 
@@ -72,7 +81,8 @@ def diffulex_fix_tokenizer(path, tokenizer_config, error):
 
     :param path: the tokenizer directory.
     :param tokenizer_config: the parsed ``tokenizer_config.json`` (a dict; empty if absent).
-    :param error: the exception the last attempt raised.
+    :param error: the exception the last attempt raised, or a ``TokenizerLoadError`` whose
+        ``tokenizer`` attribute is a tokenizer that was built but cannot encode text.
     :return: a dict of keyword arguments to retry ``from_pretrained`` with, or ``None``.
         The first non-``None`` result wins. The key ``tokenizer_class`` (a class, or the name of
         one in ``transformers``) makes the retry call that class's ``from_pretrained`` instead of

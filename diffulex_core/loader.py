@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .applying import apply_plan, problem_message
+from .applying import WriteState, apply_plan, problem_message
 from .checkpoint import LoadContext, ResolvedWeight
 from .device_staging import choose_path
 from .errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
+from .interrupts import deferred_interrupts
 from .packed_mapping import PackedMapping, merge_mappings
 from .parallel import ParallelState, agree, current_parallel_state
+from .partial_load import clear_partial, mark_partial
 from .planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
                        plan_checkpoint, plan_for_load, resolver_of)
 from .lora import enable_lora_for_model, load_lora_config, load_lora_weights, prepare_lora, warn_base_only
@@ -48,7 +50,8 @@ __all__ = [
 
 log = logging.getLogger("diffulex_core.loader")
 
-ALL_PROBLEMS = ("unexpected", "missing", "rejected")
+ALL_PROBLEMS = ("unexpected", "missing", "rejected", "no_values", "conflicting")
+SEED_FATAL = ("rejected", "no_values")  # load_model goes on past the rest, as Diffulex's loader does
 
 
 # --------------------------------------------------------------------------- the seed's per-tensor helpers
@@ -154,6 +157,7 @@ def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any
     where it failed in planning.
     """
     state = parallel or current_parallel_state()
+    target = check_device(device)  # before planning: nothing allocated for a device that cannot be used
     with gc_paused():
         plan, error = None, None
         try:
@@ -173,7 +177,7 @@ def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any
             raise
         with plan.open_files:
             try:
-                report, materialized = _apply(model, plan, device=device, progress=progress, threads=threads,
+                report, restore = _apply(model, plan, device=target, progress=progress, threads=threads,
                                               fatal=fatal, rollback=rollback, cuda_path=cuda_path)
             except Exception as exc:
                 if not state.distributed:
@@ -183,8 +187,8 @@ def _load(model: nn.Module, path: str | Path, *, family: str | None, config: Any
             try:
                 agree(state, f"loading {path}", None)
             except BaseException:
-                if materialized:  # the shards of the other ranks never loaded: this one goes back too
-                    materialize(model, "meta")
+                if restore is not None:  # the shards of the other ranks never loaded: this one goes back too
+                    restore()
                 raise
             return report
 
@@ -197,30 +201,75 @@ def _check_ready(plan: LoadPlan, fatal: tuple[str, ...]) -> None:
     plan.open_files.check_unchanged()
 
 
-def _apply(model: nn.Module, plan: LoadPlan, *, device: str | torch.device | None, progress: bool | None,
-           threads: int | None, fatal: tuple[str, ...], rollback: bool, cuda_path: str) -> tuple[LoadReport, bool]:
-    """Materialize a meta model, apply; (report, whether this load materialized the model)."""
+def _apply(model: nn.Module, plan: LoadPlan, *, device: torch.device | None, progress: bool | None,
+           threads: int | None, fatal: tuple[str, ...], rollback: bool,
+           cuda_path: str) -> tuple[LoadReport, Callable[[], None] | None]:
+    """Materialize a meta model, apply; (report, what puts back the model this load materialized, or None).
+
+    Ctrl-C is held meanwhile (``interrupts``): the load stops where the model is still whole, or
+    finishes. Where it fails with writes nothing can undo, the model is marked (``partial_load``).
+    """
     report, dests = plan.report, plan.dests
     tensors = [*dests.params.values(), *dests.buffers.values()]
     materialized = any(t.is_meta for t in tensors)
     if materialized:
         if device is None:
             raise LoadError(f"{type(model).__qualname__} is on the meta device; pass device=... to materialize it")
-        materialize(model, device)
-        dests = Destinations(model)  # materializing made new parameter objects
-    elif device is not None and any(t.device != torch.device(device) for t in tensors):
+    elif device is not None and any(t.device != device for t in tensors):
         raise LoadError(f"{type(model).__qualname__} is already materialized on another device than {device}; "
                         f"move it first or build it on the meta device")
+    state, restore = WriteState(), None
+    with deferred_interrupts() as gate:
+        try:
+            if materialized:
+                restore = materialize(model, device)
+                dests = Destinations(model)  # materializing made new parameter objects
+            # A model materialized here gets its meta tensors back on failure; one that held
+            # weights keeps the bytes that watched code overwrites, to put them back.
+            undo = "caller" if materialized else "bytes" if rollback else "none"
+            apply_plan(plan, dests, progress=progress, threads=threads, undo=undo, fatal=fatal, cuda_path=cuda_path,
+                       gate=gate, state=state)
+            if not report.missing:
+                clear_partial(model)  # every parameter holds this load's bytes again
+        except BaseException as exc:
+            with gate.shield():
+                if restore is not None:
+                    restore()
+                elif state.unrestored:
+                    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    report.partial = reason.splitlines()[0]
+                    mark_partial(model, report.checkpoint, report.partial, report)
+                    exc.add_note(f"{type(model).__qualname__} is now marked as partly written: its forward raises "
+                                 f"PartialLoadError until a load into it writes every parameter "
+                                 f"(model.diffulex_partial_load says which load)")
+            raise
+    return report, restore
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` checked before anything is allocated: a typed ``LoadError`` naming it otherwise
+    (a name that is no torch device, ``meta``, a backend that is not available, an index past
+    the device count). The CLI calls it before it builds anything."""
+    if device is None:
+        return None
     try:
-        # A model materialized here goes back to the meta device on failure; one that held
-        # weights keeps the bytes that watched code overwrites, to put them back.
-        undo = "caller" if materialized else "bytes" if rollback else "none"
-        apply_plan(plan, dests, progress=progress, threads=threads, undo=undo, fatal=fatal, cuda_path=cuda_path)
-    except BaseException:
-        if materialized:
-            materialize(model, "meta")
-        raise
-    return report, materialized
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise LoadError(f"device {device!r} is not a torch device ({exc})") from None
+    if target.type == "meta":
+        raise LoadError(f"device {device!r}: a load materializes the model; name a real device (cpu, cuda, ...)")
+    if target.type == "cpu":
+        return target
+    backend = getattr(torch, target.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        raise LoadError(f"device {device!r}: {target.type} is not available in this process "
+                        f"(torch {torch.__version__}); nothing was loaded")
+    count = getattr(backend, "device_count", None)
+    if target.index is not None and callable(count) and target.index >= count():
+        raise LoadError(f"device {device!r}: this process sees {count()} {target.type} device(s) "
+                        f"(indices 0..{count() - 1}); nothing was loaded")
+    return target
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = None, config: Any = None,
@@ -236,7 +285,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = 
     to undo it on failure, a model that already holds weights keeps a host copy of what that code
     overwrites (``rollback=False`` saves that memory and time, and a failure then says what was
     written). A model built on the meta device needs no copy: it simply goes back to meta.
-    A model on the meta device is materialized on ``device`` after a successful plan (ties kept).
+    A model on the meta device is materialized on ``device`` after a successful plan (ties and
+    the values of real buffers kept); ``device`` is checked before anything else (``LoadError``).
+    A first Ctrl-C is held until the model is whole again (``interrupts``); a model a failure
+    leaves partly written is marked (``partial_load``).
     ``progress=None`` shows a progress bar only on a terminal and for large loads; ``threads``
     caps the reading threads (default: one per core).
 
@@ -255,8 +307,21 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, family: str | None = 
                    threads=threads, fatal=ALL_PROBLEMS if strict else (), rollback=rollback, parallel=parallel,
                    cuda_path=cuda_path)
     if report.problems:
-        log.warning("%s", problem_message(report, outcome="loaded the rest (strict=False)"))
+        log.warning("%s", problem_message(report, outcome="loaded the rest (strict=False)",
+                                          full_list="the LoadReport load_checkpoint returned"))
     return report
+
+
+def _seed_device(model: nn.Module, config: Any) -> Any:
+    """Where ``load_model`` materializes a meta-built model: ``config.device`` where the config has
+    one, else torch's default device (Diffulex's engine sets it with ``torch.set_default_device``)."""
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None
+    device = getattr(config, "device", None)
+    if device is not None:
+        return device
+    get_default = getattr(torch, "get_default_device", None)  # torch >= 2.3
+    return get_default() if get_default is not None else torch.empty(0).device
 
 
 def load_model(model: nn.Module, config: Any) -> nn.Module:
@@ -270,7 +335,10 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
     pickle-only checkpoints raise, as ``load_checkpoint`` does. Like Diffulex's loader it keeps no
     copy of what model code overwrites (a copy costs host memory and time per written byte, a lot
     for MoE experts): model code that fails part-way raises ``LoadApplyError`` naming what it had
-    written. ``load_checkpoint`` is the all-or-nothing door.
+    written, and the model is marked (its forward raises ``PartialLoadError`` until a load writes
+    every parameter). ``load_checkpoint`` is the all-or-nothing door. A model built on the meta
+    device is materialized on ``config.device`` where the config has one, else on torch's default
+    device (``torch.set_default_device``, as Diffulex's engine sets it).
 
     With ``use_lora`` and a ``lora_path``, the adapter is read and checked against the model
     before the base weights are loaded (``diffulex_core.lora``): any problem raises
@@ -300,7 +368,8 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
                     raise
     try:
         report = _load(model, config.model, family=getattr(config, "model_name", None), config=config, strict=False,
-                       device=None, progress=None, threads=None, fatal=("rejected",), rollback=False, parallel=None)
+                       device=_seed_device(model, config), progress=None, threads=None, fatal=SEED_FATAL,
+                       rollback=False, parallel=None)
     except BaseException:
         if prepared is not None:
             prepared.undo()
@@ -311,6 +380,7 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
         object.__setattr__(model, "diffulex_lora_report", report.lora)
     if report.problems:
         warnings.warn(problem_message(report, outcome="loaded the rest, as Diffulex's loader would "
-                                                      "(model.diffulex_load_report has the details)"),
+                                                      "(model.diffulex_load_report has the details)",
+                                      full_list="model.diffulex_load_report"),
                       LoadWarning, stacklevel=2)
     return model

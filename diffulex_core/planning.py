@@ -27,16 +27,17 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import LoadContext, ResolvedWeight, WeightDestination
+from .checkpoint import ConvertedResolvedWeight, LoadContext, ResolvedWeight, WeightDestination, as_resolved_weight
 from .checkpoint_files import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
 from .checkpoint_slice import CheckpointSlice, accepts_checkpoint_slice
 from .errors import CheckpointFormatError, DiffulexError, LoadError, WeightSpecError
 from .file_handles import OpenFiles
 from .packed_mapping import MappedName, PackedMapping, merge_mappings
 from .parallel import ParallelState, current_parallel_state
-from .plugins import call_impl, collect_results, impls_in_call_order
+from .plugins import collect_results, first_result, plugin_label
 from .report import LoadReport, TensorPlacement
 from .ties import storage_key, tie_keys
+from .empty_weights import REBUILT_BUFFERS
 from .write_watch import MetaOnly
 
 __all__ = ["LoadPlan", "Destinations", "Layout", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
@@ -211,9 +212,8 @@ def ask_module_resolvers(resolver_at: Callable[[str], Callable | None], name: st
             raise LoadError(f"{RESOLVER} of module {where!r} raised {type(exc).__name__} "
                             f"for tensor {name!r}: {exc}") from exc
         if spec is not None:
-            if not isinstance(spec, ResolvedWeight):
-                raise WeightSpecError(f"{RESOLVER} of module {where!r} returned {type(spec).__name__} "
-                                      f"for {name!r}; expected ResolvedWeight or None")
+            if not isinstance(spec, ResolvedWeight):  # Diffulex's own is converted, anything else refused
+                spec = as_resolved_weight(spec, f"{RESOLVER} of module {where!r}", name)
             return spec.rebased(prefix), prefix
     return None
 
@@ -232,6 +232,7 @@ class Destinations:
         self.buffers: dict[str, torch.Tensor] = {}
         self.persistent_buffers: set[str] = set()
         self.resolvers: dict[str, Callable] = {}
+        self.rebuilt_buffers: set[str] = set()  # buffers their module recomputes when moved off meta
         self._by_object: dict[int, tuple[str, str]] | None = None
         self._by_storage: dict[int, list[tuple[str, str]]] | None = None
         self._tie_keys: dict[str, Any] | None = None
@@ -248,6 +249,9 @@ class Destinations:
             resolve = resolver_of(module)
             if resolve is not None:
                 self.resolvers[prefix] = resolve
+            rebuilt = getattr(type(module), REBUILT_BUFFERS, None) or module.__dict__.get(REBUILT_BUFFERS)
+            if rebuilt:
+                self.rebuilt_buffers.update(dot + name for name in rebuilt)
 
     def tensor(self, kind: str, name: str) -> torch.Tensor | None:
         return (self.params if kind == "param" else self.buffers).get(name)
@@ -292,6 +296,11 @@ class Destinations:
 
     def target(self, spec: ResolvedWeight, tensor_name: str, source: str) -> Target:
         """A ``ResolvedWeight`` (names full) as a ``Target``, in the seed's precedence."""
+        if type(spec) is ConvertedResolvedWeight:  # another class's answer: the report says so
+            found = self.target(spec.plain(), tensor_name, source)
+            if found.kind == "skip":
+                return found._replace(reason=f"{found.reason}; {spec.conversion_note}")
+            return found._replace(note=f"{found.note}; {spec.conversion_note}" if found.note else spec.conversion_note)
         if spec.skip:
             return Target("skip", None, reason=spec.reason or f"skipped by {source} (no reason given)")
         if spec.loader is not None:
@@ -373,6 +382,7 @@ class LoadPlan:
     dests: Destinations
     open_files: OpenFiles
     pending: list[str] = field(default_factory=list)
+    aliases: list[list[int]] = field(default_factory=list)  # indices of ``items`` writing one destination whole
 
 
 @contextlib.contextmanager
@@ -394,7 +404,8 @@ def model_packed_mapping(model: nn.Module, config: Any = None,
     ``extra`` (source, mapping) pairs); one key mapped two ways is an error naming both."""
     parts = [(f"{type(model).__qualname__}.packed_modules_mapping", getattr(model, "packed_modules_mapping", None) or {})]
     parts += [(f"plugin {p!r}", m) for p, m in collect_results(
-        _plugin_manager().hook.diffulex_packed_modules_mapping, {"model": model, "config": config}, error=LoadError)]
+        _plugin_manager().hook.diffulex_packed_modules_mapping, {"model": model, "config": config}, error=LoadError,
+        context=" while planning")]
     return PackedMapping(merge_mappings([*parts, *extra]))
 
 
@@ -409,8 +420,10 @@ class _Planner:
                  parallel: ParallelState) -> None:
         self.model, self.strict = model, strict
         self.dests = Destinations(model)
-        hook = _plugin_manager().hook
-        self.resolve_impls = impls_in_call_order(hook.diffulex_resolve_weight)
+        self.manager = _plugin_manager()
+        hook = self.manager.hook
+        # pluggy's own call per tensor (ordering, wrappers, tracing); none at all without an implementation
+        self.resolve_hook = hook.diffulex_resolve_weight if hook.diffulex_resolve_weight.get_hookimpls() else None
         model_name = type(model).__qualname__
         self.mapping = model_packed_mapping(model, config)
         self.expected_missing = list(getattr(model, "expected_missing_keys", None) or ())
@@ -436,15 +449,14 @@ class _Planner:
 
     def resolve(self, name: str) -> tuple[Target | None, str, str | None]:
         """(destination, rule, note) for one checkpoint name, in the documented order."""
-        ctx = LoadContext(full_name=name, **self.ctx_fields) if self.resolve_impls or self.dests.resolvers else None
-        for impl in self.resolve_impls:
-            spec = call_impl(impl, {"model": self.model, "name": name, "ctx": ctx}, error=LoadError,
-                             context=f" for tensor {name!r}")
+        ctx = LoadContext(full_name=name, **self.ctx_fields) if self.resolve_hook is not None or self.dests.resolvers else None
+        if self.resolve_hook is not None:
+            plugin, spec = first_result(self.resolve_hook, {"model": self.model, "name": name, "ctx": ctx},
+                                        error=LoadError, context=f" (tensor {name!r})")
             if spec is not None:
-                rule = f"plugin:{impl.plugin_name}"
-                if not isinstance(spec, ResolvedWeight):
-                    raise WeightSpecError(f"plugin {impl.plugin_name!r}: diffulex_resolve_weight returned "
-                                          f"{type(spec).__name__} for {name!r}; expected ResolvedWeight or None")
+                rule = f"plugin:{plugin}"
+                if not isinstance(spec, ResolvedWeight):  # Diffulex's own is converted, anything else refused
+                    spec = as_resolved_weight(spec, f"{plugin_label(self.manager, plugin)}: diffulex_resolve_weight", name)
                 return self.dests.target(spec, name, rule), rule, None
         found = self.dests.module_resolver(name, ctx) if ctx is not None else None
         if found is not None:
@@ -515,7 +527,8 @@ class _Planner:
                             notes=list(files.notes), parallel=self.parallel.to_dict())
         items: list[Planned] = []
         written: set = set()
-        whole_writers: dict = {}  # destination memory -> the tensor that writes all of it
+        whole_writers: dict = {}  # destination memory -> index of the first tensor that writes all of it
+        aliases: dict = {}  # destination memory -> indices of every tensor that writes all of it, when 2 or more
         covered: set[str] = set()
         undeclared_loaders = 0
         model_name = type(self.model).__qualname__
@@ -544,24 +557,37 @@ class _Planner:
                 key = self.dests.tie_keys.get(target.name)
                 if problem is None:
                     if target.shard_id is None and key in whole_writers:
-                        problem = (f"{target.kind} {target.name!r} is also written whole by {whole_writers[key]!r} "
-                                   f"(tied or aliased); skip one of them with a resolver")
+                        first = items[whole_writers[key]].record.name
+                        aliases.setdefault(key, [whole_writers[key]]).append(len(items))
+                        note = _joined(note, f"also written whole by {first!r}: the two must hold the same values "
+                                             f"(compared when read)")
                     elif target.shard_id is None:
-                        whole_writers[key] = record.name
+                        whole_writers[key] = len(items)
                     written.add(key)
                 elif key is not None:
                     written.add(key)  # a rejected one is not also missing
                 if deferral is not None:
                     watched = True
-                    note = f"{note}; checked when applied: {deferral}" if note else f"checked when applied: {deferral}"
+                    note = _joined(note, f"checked when applied: {deferral}")
                 if problem is None:
                     placement = TensorPlacement(*base, target.kind, target.name, rule, target.shard_id, note)
                 else:
                     placement = TensorPlacement(*base, "rejected", target.name, rule, target.shard_id, problem)
                     report.add_problem("rejected", f"tensor {record.name!r} in {record.file.name}: {problem}")
+            if target is not None and target.transform is not None:  # not a plain copy: the report says so
+                transform = getattr(target.transform, "__name__", type(target.transform).__name__)
+                placement = placement._replace(transform=transform)
             items.append(Planned(record, placement, target, layout, watched))
         report.placements = [item.placement for item in items]
-        unwritten = self.unwritten(written, covered)
+        without_values = self.meta_buffers_without_values(written, covered)
+        for name in without_values:
+            report.add_problem("no_values", (
+                f"buffer {name!r} is on the meta device and no checkpoint tensor writes it: materializing "
+                f"{model_name} would leave it without values (a cache computed in __init__, such as a rotary "
+                f"cos/sin table). Build the model under diffulex_core.empty_weights.init_empty_weights() "
+                f"(parameters on meta, buffers computed), or name it in its module's {REBUILT_BUFFERS} "
+                f"if the module recomputes it when moved"))
+        unwritten = [n for n in self.unwritten(written, covered) if n not in without_values]
         pending: list[str] = []
         if undeclared_loaders and unwritten:
             pending = unwritten
@@ -574,7 +600,14 @@ class _Planner:
                 report.add_problem("missing", f"{name} is not written by any checkpoint tensor (missing)")
         report.bytes_total = sum(i.record.nbytes for i in items if i.placement.kind in WRITTEN_KINDS)
         report.plan_seconds = time.perf_counter() - started
-        return LoadPlan(files, items, report, self.dests, open_files, pending)
+        return LoadPlan(files, items, report, self.dests, open_files, pending, list(aliases.values()))
+
+    def meta_buffers_without_values(self, written: set, covered: set[str]) -> list[str]:
+        """Buffers on the meta device that nothing writes and that their module does not rebuild."""
+        keys = self.dests.tie_keys
+        return [name for name, buffer in self.dests.buffers.items()
+                if buffer.is_meta and keys[name] not in written and name not in covered
+                and name not in self.dests.rebuilt_buffers]
 
     def unwritten(self, written: set, covered: set[str]) -> list[str]:
         """Parameters and persistent buffers nothing writes; tied ones (one object or one storage) count once."""
@@ -590,6 +623,10 @@ class _Planner:
                     fnmatch.fnmatchcase(name, pattern) for pattern in self.expected_missing):
                 out.append(name)
         return out
+
+
+def _joined(note: str | None, more: str) -> str:
+    return f"{note}; {more}" if note else more
 
 
 def _records(files: CheckpointFiles, open_files: OpenFiles) -> list[TensorRecord]:

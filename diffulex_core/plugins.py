@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import inspect
 import os
 import re
@@ -24,7 +25,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigurationError, DiffulexError, PluginError, PluginLoadError, PluginWarning
+from .errors import ConfigurationError, DiffulexError, PluginError, PluginHookError, PluginLoadError, PluginWarning
 from .family_registry import FamilyEntry, FamilyRegistry, validate_registration
 
 __all__ = [
@@ -34,9 +35,11 @@ __all__ = [
     "get_plugins",
     "get_plugin_manager",
     "reset_plugins",
-    "impls_in_call_order",
-    "call_impl",
+    "PluginHookError",
     "collect_results",
+    "first_result",
+    "plugin_answers",
+    "plugin_label",
 ]
 
 ENV_ALLOW = "DIFFULEX_PLUGINS"
@@ -169,12 +172,15 @@ def _new_manager() -> pluggy.PluginManager:
 
 
 _SPEC_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("diffulex_"))
+# Hook wrappers make sense where pluggy hands on one answer (firstresult); see hookspecs.py.
+WRAPPABLE_HOOKS = tuple(n for n in _SPEC_NAMES
+                        if (getattr(getattr(hookspecs, n), f"{hookspecs.PROJECT_NAME}_spec", None) or {}).get("firstresult"))
 
 
-def _validate(obj: Any, info: PluginInfo) -> None:
-    """Register ``obj`` on a scratch manager so a bad plugin never half-registers on the real one."""
-    scratch = _new_manager()
-    scratch.register(obj, name=info.name)
+def _validate(obj: Any, info: PluginInfo) -> pluggy.PluginManager:
+    """Register ``obj`` on a scratch manager so a bad plugin never half-registers on the real one;
+    the scratch manager holds its hookimpls as pluggy found them."""
+    scratch = _scratch(obj, info.name)
     try:
         scratch.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -182,6 +188,15 @@ def _validate(obj: Any, info: PluginInfo) -> None:
         close = difflib.get_close_matches(typo.group(1), _SPEC_NAMES, n=1) if typo else []
         hint = f"; did you mean {close[0]!r}?" if close else f"; known hooks: {', '.join(_SPEC_NAMES)}"
         raise pluggy.PluginValidationError(exc.plugin, f"{exc}{hint}") from None
+    for caller in scratch.get_hookcallers(obj) or ():
+        wrapper = next((i for i in caller.get_hookimpls() if i.wrapper or i.hookwrapper), None)
+        if wrapper is not None and caller.name in _SPEC_NAMES and caller.name not in WRAPPABLE_HOOKS:
+            why = ("is called once per plugin, alone" if caller.name == "diffulex_register_families"
+                   else "keeps each plugin's answer apart, attributed to that plugin")
+            raise pluggy.PluginValidationError(
+                obj, f"{wrapper.function.__name__}() is a hook wrapper of {caller.name}, which {why}: wrappers "
+                     f"are accepted only on the hooks with one answer ({', '.join(WRAPPABLE_HOOKS)}); "
+                     f"make it a plain @diffulex_core.hookimpl")
     if inspect.ismodule(obj):
         marked = {impl.function for caller in scratch.get_hookcallers(obj) or () for impl in caller.get_hookimpls()}
         for attr, value in vars(obj).items():
@@ -194,16 +209,88 @@ def _validate(obj: Any, info: PluginInfo) -> None:
                 raise pluggy.PluginValidationError(
                     obj, f"{attr}() in {obj.__name__} is not marked with @diffulex_core.hookimpl and would never be called"
                 )
+    return scratch
+
+
+class _Answers(threading.local):
+    given: list[tuple[str, str, Any]] | None = None  # (hook, plugin, answer) of the call in progress
+
+
+_ANSWERS = _Answers()
+
+
+def _answering(function: Any, hook: str, info: PluginInfo) -> Any:
+    """``function`` (one hookimpl) as pluggy will call it: an exception becomes a ``PluginHookError``
+    naming the plugin, its distribution and the hook, and an answer other than None is noted for
+    ``collect_results``/``first_result`` (pluggy's result does not say which plugin gave it).
+
+    A hook wrapper stays a generator, so pluggy drives it as it documents; it is noted as the
+    answerer only where it returns something other than the answer it was given.
+    """
+    if inspect.isgeneratorfunction(function):
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                answer = yield from function(*args, **kwargs)
+            except DiffulexError:  # ours, or an inner implementation's, already named
+                raise
+            except Exception as exc:
+                raise PluginHookError(info, hook, exc) from exc
+            given = _ANSWERS.given
+            if answer is not None and given is not None and not (given and given[-1][2] is answer):
+                given.append((hook, info.name, answer))
+            return answer
+
+        return wrapper
+
+    @functools.wraps(function)
+    def implementation(*args: Any, **kwargs: Any) -> Any:
+        try:
+            answer = function(*args, **kwargs)
+        except DiffulexError:
+            raise
+        except Exception as exc:
+            raise PluginHookError(info, hook, exc) from exc
+        if answer is not None:
+            given = _ANSWERS.given
+            if given is not None:
+                given.append((hook, info.name, answer))
+        return answer
+
+    return implementation
+
+
+class _PluginHooks:
+    """What the hook manager holds for one plugin: each of its hookimpls (as pluggy found them on a
+    scratch manager: bound, with their options) behind ``_answering``. ``plugin`` is the plugin."""
+
+    def __init__(self, plugin: Any, info: PluginInfo, scratch: pluggy.PluginManager) -> None:
+        self.plugin, self.info = plugin, info
+        for caller in scratch.get_hookcallers(plugin) or ():
+            for n, impl in enumerate(caller.get_hookimpls()):
+                answering = _answering(impl.function, caller.name, info)
+                setattr(answering, f"{hookspecs.PROJECT_NAME}_impl", {**impl.opts, "specname": caller.name})
+                setattr(self, f"{caller.name}_{n}", answering)
+
+    def __repr__(self) -> str:
+        return f"<hooks of {self.info.label}: {self.plugin!r}>"
+
+
+def _scratch(obj: Any, name: str) -> pluggy.PluginManager:
+    scratch = _new_manager()
+    scratch.register(obj, name=name)
+    return scratch
 
 
 class _Discovery:
     """Loads every entry point of the group into one manager and one registry."""
 
     def __init__(self) -> None:
-        from . import builtin_fixups
+        from . import __version__, builtin_fixups
 
         self.manager = _new_manager()
-        self.manager.register(builtin_fixups, name=builtin_fixups.PLUGIN_NAME)  # not an entry point: always on
+        core = PluginInfo(builtin_fixups.PLUGIN_NAME, builtin_fixups.__name__, "diffulex-core", __version__)
+        self._register(builtin_fixups, core, _scratch(builtin_fixups, core.name))  # not an entry point: always on
         self.registry = FamilyRegistry()
         self.loaded: list[PluginInfo] = []
         self.disabled: list[PluginInfo] = []
@@ -252,30 +339,38 @@ class _Discovery:
             self._fail(info, "import", f"cannot import {info.value!r}: {type(exc).__name__}: {exc}", exc)
             return
         try:
-            _validate(obj, info)
+            scratch = _validate(obj, info)
         except pluggy.PluginValidationError as exc:
             self._fail(info, "validate", str(exc), exc)
             return
-        try:
-            self.manager.register(obj, name=info.name)
-        except ValueError as exc:  # the same object behind two entry points
-            self._fail(info, "validate", f"{info.value!r} is already registered: {exc}", exc)
+        other = next((h.info for h in self.manager.get_plugins() if h.plugin is obj), None)
+        if other is not None:  # the same object behind two entry points
+            self._fail(info, "validate", f"{info.value!r} is already registered, as {other.label}")
             return
+        hooks_of = self._register(obj, info, scratch)
         try:
-            pending = self._call_register_families(obj, info)
+            pending = self._call_register_families(hooks_of, info)
         except Exception as exc:  # the plugin is withdrawn whole, its families with it
             self.manager.unregister(name=info.name)
-            self._fail(info, "register_families", f"diffulex_register_families raised {type(exc).__name__}: {exc}", exc)
+            cause = exc.__cause__ if isinstance(exc, PluginHookError) else exc
+            self._fail(info, "register_families", f"diffulex_register_families raised {type(cause).__name__}: {cause}", exc)
             return
-        hooks = tuple(sorted(c.name for c in self.manager.get_hookcallers(obj) or ()))
+        hooks = tuple(sorted(c.name for c in self.manager.get_hookcallers(hooks_of) or ()))
         self.loaded.append(replace(info, hooks=hooks))
         for entry in pending:
             conflict = self.registry.add(entry)
             if conflict is not None:
                 self._fail(info, "family_conflict", str(conflict), conflict)
 
-    def _call_register_families(self, obj: Any, info: PluginInfo) -> list[FamilyEntry]:
-        """Call this plugin's registration hook alone; keep its families until it returns."""
+    def _register(self, obj: Any, info: PluginInfo, scratch: pluggy.PluginManager) -> _PluginHooks:
+        """Register ``obj``'s hookimpls (found on ``scratch``) under ``info.name``, each behind ``_answering``."""
+        hooks_of = _PluginHooks(obj, info, scratch)
+        self.manager.register(hooks_of, name=info.name)
+        return hooks_of
+
+    def _call_register_families(self, hooks_of: _PluginHooks, info: PluginInfo) -> list[FamilyEntry]:
+        """Call this plugin's registration hook alone (pluggy's call, on a subset holding only this
+        plugin); keep its families until it returns."""
         pending: list[FamilyEntry] = []
 
         def register(name: str, factory: Any, *, override: bool = False) -> None:
@@ -284,12 +379,8 @@ class _Discovery:
                 raise ValueError(f"family {name!r} registered twice by the same plugin")
             pending.append(FamilyEntry(name, factory, info.label, override))
 
-        for impl in self.manager.hook.diffulex_register_families.get_hookimpls():
-            if impl.plugin is not obj:
-                continue
-            if impl.hookwrapper or impl.wrapper:
-                raise TypeError("diffulex_register_families must be a plain hookimpl, not a wrapper")
-            impl.function(**({"register": register} if "register" in impl.argnames else {}))
+        others = [p for p in self.manager.get_plugins() if p is not hooks_of]
+        self.manager.subset_hook_caller("diffulex_register_families", others)(register=register)
         return pending
 
 
@@ -354,27 +445,62 @@ def using_plugins(plugins: Plugins) -> Iterator[Plugins]:
             _plugins = previous
 
 
-def impls_in_call_order(hook: Any) -> list[Any]:
-    """A hook's implementations in the order pluggy calls them (last registered first)."""
-    return list(reversed(hook.get_hookimpls()))
-
-
-def call_impl(impl: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError, context: str = "") -> Any:
-    """Call one hookimpl with just the arguments it declares (older plugins take fewer).
-
-    Calling implementations one by one, rather than through ``pm.hook``, tells us which plugin
-    answered; an exception is re-raised as ``error``, naming the plugin and the hook.
-    """
+def _call(hook: Any, kwargs: dict[str, Any], error: type[DiffulexError], context: str) -> tuple[Any, list]:
+    """``hook(**kwargs)``, pluggy's own call (ordering, wrappers, tracing), with the answers noted
+    by ``_answering``; a plugin's exception is re-raised as ``error``, naming plugin and hook."""
+    given: list = []
+    saved, _ANSWERS.given = _ANSWERS.given, given
     try:
-        return impl.function(**{name: kwargs[name] for name in impl.argnames})
+        return hook(**kwargs), given
+    except PluginHookError as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(f"{exc}{context}") from exc
     except DiffulexError:
         raise
-    except Exception as exc:
-        raise error(f"plugin {impl.plugin_name!r}: {impl.function.__name__} raised "
-                    f"{type(exc).__name__}{context}: {exc}") from exc
+    except Exception as exc:  # pluggy's own complaint (a wrapper that did not yield, or yielded twice)
+        wrappers = sorted({i.plugin_name for i in hook.get_hookimpls() if i.wrapper or i.hookwrapper})
+        who = f"the hook wrappers of plugin(s) {', '.join(wrappers)}" if wrappers else "pluggy"
+        raise error(f"{hook.name}: {who} failed{context}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        _ANSWERS.given = saved
 
 
-def collect_results(hook: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError) -> list[tuple[str, Any]]:
-    """(plugin name, result) of every implementation that returned something other than None."""
-    results = [(impl.plugin_name, call_impl(impl, kwargs, error=error)) for impl in impls_in_call_order(hook)]
-    return [(name, result) for name, result in results if result is not None]
+def collect_results(hook: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError,
+                    context: str = "") -> list[tuple[str, Any]]:
+    """(plugin name, answer) of every implementation of ``hook`` that answered (not None), in
+    pluggy's call order. For the hooks that combine answers (discovery refuses wrappers on them)."""
+    _, given = _call(hook, kwargs, error, context)
+    return [(plugin, answer) for name, plugin, answer in given if name == hook.name]
+
+
+def first_result(hook: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError,
+                 context: str = "") -> tuple[str | None, Any]:
+    """(name of the plugin that answered, answer) of a ``firstresult`` hook, or (None, None).
+
+    The plugin is the one whose implementation returned the answer, or the wrapper that returned
+    another one. ``_answering`` cannot see an old-style ``hookwrapper`` force a result
+    (``outcome.force_result``), nor a plugin registered on the manager by hand: such an answer is
+    put down to those plugins, joined by ``+``.
+    """
+    answer, given = _call(hook, kwargs, error, context)
+    if answer is None:
+        return None, None
+    if given and given[-1][2] is answer:
+        return given[-1][1], answer
+    unseen = {i.plugin_name for i in hook.get_hookimpls() if i.hookwrapper or not isinstance(i.plugin, _PluginHooks)}
+    return "+".join(sorted(unseen)), answer
+
+
+def plugin_label(manager: pluggy.PluginManager, name: str) -> str:
+    """``plugin 'name' (distribution version)`` for a plugin registered under ``name``."""
+    hooks_of = manager.get_plugin(name)
+    return hooks_of.info.label if isinstance(hooks_of, _PluginHooks) else f"plugin {name!r}"
+
+
+def plugin_answers(manager: pluggy.PluginManager, hook_name: str, plugin: str, **kwargs: Any) -> list[Any]:
+    """The answers (not None) of one plugin's implementations of a hook: pluggy's call on a
+    subset of the manager holding only that plugin."""
+    mine = manager.get_plugin(plugin)
+    others = [p for p in manager.get_plugins() if p is not mine]
+    return manager.subset_hook_caller(hook_name, others)(**kwargs)

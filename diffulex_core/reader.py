@@ -211,7 +211,10 @@ def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, casts: list
             if on_progress:
                 on_progress(done)
     else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffulex-read") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="diffulex-read")
+        try:
             for done in pool.map(run, tasks):
                 if on_progress:
                     on_progress(done)
+        finally:  # on a failure (or an abort) the tasks not yet started are dropped, the running ones end
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -26,13 +26,14 @@ class TensorPlacement(NamedTuple):
     rule: str  # "plugin:<entry point>", "module:<prefix>", "packed_mapping", "packed_mapping:root", "exact", "ignored"
     shard_id: Any = None
     note: str | None = None
+    transform: str | None = None  # the name of the transform the tensor goes through ("<lambda>"); None: a plain copy
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "file": self.file, "shape": list(self.shape), "dtype": self.dtype,
             "kind": self.kind, "target": self.target, "rule": self.rule,
             "shard_id": self.shard_id if isinstance(self.shard_id, (int, str, type(None))) else repr(self.shard_id),
-            "note": self.note,
+            "note": self.note, "transform": self.transform,
         }
 
 
@@ -41,8 +42,11 @@ class LoadReport:
     """Everything a load planned and did. ``problems`` is empty exactly when the load was clean.
 
     ``problem_kinds`` gives each problem's kind, in step with ``problems``: ``"unexpected"``
-    (a tensor nothing takes), ``"missing"`` (a parameter nothing writes) or ``"rejected"`` (a
-    tensor whose destination does not fit it, or whose code failed). ``written_by_loaders``
+    (a tensor nothing takes), ``"missing"`` (a parameter nothing writes), ``"rejected"`` (a
+    tensor whose destination does not fit it, or whose code failed) or ``"no_values"`` (a buffer
+    on the meta device that nothing writes: materializing would leave it without its computed
+    values; fatal through both doors) or ``"conflicting"`` (tensors that write one destination
+    whole and hold different values). ``written_by_loaders``
     maps each parameter that a loader without ``covers`` wrote to the tensors whose loaders did.
     """
 
@@ -63,6 +67,7 @@ class LoadReport:
     read_paths: dict[str, dict[str, float]] = field(default_factory=dict)
     parallel: dict[str, int] = field(default_factory=lambda: {"tp_rank": 0, "tp_size": 1, "ep_rank": 0, "ep_size": 1})
     lora: Any = None  # a diffulex_core.lora.LoraReport when an adapter was loaded with the checkpoint
+    partial: str | None = None  # why the failed load left the model partly written (then marked); None: it did not
 
     def add_problem(self, kind: str, text: str) -> None:
         self.problems.append(text)
@@ -103,7 +108,9 @@ class LoadReport:
             f"{len(self.unexpected)} unexpected, {len(self.missing)} missing, {len(self.problems)} problem(s); "
             f"{self.bytes_read / GIB:.3f} of {self.bytes_total / GIB:.3f} GiB read, plan {self.plan_seconds:.3f} s, "
             f"apply {self.apply_seconds:.3f} s ({self.gib_per_s:.2f} GiB/s)"
-        ) + (f"\n{self.lora.summary()}" if self.lora is not None else "")
+        ) + (f"\n{self.lora.summary()}" if self.lora is not None else "") + (
+            f"\nthe load failed part-way and left the model partly written (marked): {self.partial}"
+            if self.partial else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +120,6 @@ class LoadReport:
             "written_by_loaders": self.written_by_loaders, "notes": self.notes,
             "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
             "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s, "parallel": dict(self.parallel),
-            "read_paths": self.read_paths, "lora": self.lora.to_dict() if self.lora is not None else None,
+            "read_paths": self.read_paths, "partial": self.partial, "lora": self.lora.to_dict() if self.lora is not None else None,
             "tensors": [p.to_dict() for p in self.placements],
         }

@@ -9,7 +9,7 @@ that stores a tied tensor once fills every name that shares it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -50,11 +50,15 @@ def _slots(model: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
     return slots
 
 
-def materialize(model: nn.Module, device: Any) -> None:
-    """``model.to_empty(device=device)``, keeping every tie and every attribute set on a parameter.
+def materialize(model: nn.Module, device: Any) -> Callable[[], None]:
+    """``model.to_empty(device=device)``, keeping every tie, every attribute set on a parameter and
+    the values of tensors that were not on the meta device; returns what puts the model back.
 
     ``to_empty`` makes new ``Parameter`` objects, which lose attributes such as the
-    ``weight_loader`` that layers attach in ``__init__``; they are copied over.
+    ``weight_loader`` that layers attach in ``__init__``; they are copied over. It also drops the
+    values of real tensors (buffers computed in ``__init__`` under ``init_empty_weights``): they
+    are copied to ``device``. The returned function restores the very objects the model held
+    before, so a failed load leaves it exactly as it was.
     """
     slots = _slots(model)
     groups: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
@@ -81,3 +85,13 @@ def materialize(model: nn.Module, device: Any) -> None:
                     storage, old.storage_offset(), old.shape, old.stride())
                 made[id(old)] = new
             getattr(module, table)[name] = new
+    with torch.no_grad():
+        for module, table, name, old in slots:
+            if not old.is_meta:
+                getattr(module, table)[name].copy_(old)
+
+    def restore() -> None:
+        for module, table, name, old in slots:
+            getattr(module, table)[name] = old
+
+    return restore

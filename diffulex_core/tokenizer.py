@@ -5,7 +5,16 @@ fails does it look for a fix: the built-in one for ``extra_special_tokens`` stor
 (transformers 5 writes lists; 4.47-4.57 expect a dict), then ``diffulex_fix_tokenizer`` hooks
 (the built-in fixups among them: ``TokenizersBackend`` under transformers 4, and a
 ``PreTrainedTokenizerFast`` config whose ``auto_map`` points to a module file that is not
-there). An error no fix addresses propagates unchanged.
+there). An error no fix addresses propagates unchanged, except that a JSON file the tokenizer
+reads which is not a JSON object (garbage, not UTF-8, nested too deep) is a ``TokenizerLoadError``
+naming it, where transformers raises a bare ``JSONDecodeError``, ``UnicodeDecodeError`` or
+``RecursionError``.
+
+A tokenizer that cannot encode is never returned: transformers 5 can build one from valid files
+(for ``model_type: qwen2`` and a WordLevel ``tokenizer.json``, a ``Qwen2Tokenizer`` that encodes
+"hello world" as ``[]``). After each construction one short probe encode checks it; a failure
+goes through the fixes like an error (the built-in one loads ``tokenizer.json`` as
+``PreTrainedTokenizerFast``), else it is a ``TokenizerLoadError`` naming the files.
 
 Remote code: ``trust_remote_code`` is ``False`` unless the caller passed ``True`` (``None`` counts
 as not passed), on every call to transformers, fix retries and fallback classes included, so
@@ -39,6 +48,11 @@ __all__ = ["auto_tokenizer_from_pretrained", "coerce_extra_special_tokens", "STA
 log = logging.getLogger("diffulex_core.tokenizer")
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# the JSON files transformers may read to build a tokenizer (each holds a JSON object), and the others
+JSON_FILES = (TOKENIZER_CONFIG, "tokenizer.json", "special_tokens_map.json", "added_tokens.json", "config.json",
+              "vocab.json", "chat_template.json")
+TOKENIZER_FILES = JSON_FILES + ("merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+PROBE_TEXT = "hello world"
 MAX_ATTEMPTS = 4  # the first try plus up to three fixes, each for a different error
 HUB_TIMEOUT_S = 10.0  # the one request asking the hub whether a repository exists
 # huggingface_hub's rule for repository ids: "name" or "namespace/name", word characters, "-", "."
@@ -84,15 +98,72 @@ def _special_token_name(text: str, index: int, used: Any) -> str:
 
 def _read_config(path: Path) -> dict[str, Any]:
     file = path / TOKENIZER_CONFIG
-    if not file.is_file():
-        return {}
+    return _read_json_object(file) if file.is_file() else {}
+
+
+def _read_json_object(file: Path) -> dict[str, Any]:
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise TokenizerLoadError(f"{file} is not valid JSON (arrays and objects nested too deep to read); "
+                                 f"fix or regenerate it") from None
+    except ValueError as exc:  # UnicodeDecodeError included
         raise TokenizerLoadError(f"{file} is not valid JSON ({exc}); fix or regenerate it") from None
-    if not isinstance(config, dict):
-        raise TokenizerLoadError(f"{file} holds a JSON {type(config).__name__}, not an object")
-    return config
+    if not isinstance(value, dict):
+        raise TokenizerLoadError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _invalid_json(path: Path) -> TokenizerLoadError | None:
+    """The error naming the first of ``JSON_FILES`` in ``path`` that is not a JSON object, if any.
+    Only read after a load failed: transformers' own error for such a file does not name it."""
+    for name in JSON_FILES:
+        if (path / name).is_file():
+            try:
+                _read_json_object(path / name)
+            except TokenizerLoadError as error:
+                return error
+    return None
+
+
+def _encoding_problem(tokenizer: Any) -> str | None:
+    """Why ``tokenizer`` cannot encode text, or ``None``. One probe encode when it works. A small
+    vocabulary may legitimately drop ``PROBE_TEXT`` (or raise: WordLevel without unk), so then a few of
+    the tokenizer's own ordinary tokens, decoded, must encode; special tokens only leave none to try."""
+    try:
+        if len(tokenizer) == 0:
+            return "has an empty vocabulary"
+        if tokenizer.encode(PROBE_TEXT, add_special_tokens=False):
+            return None  # an unk id is an id
+    except Exception:
+        pass
+    try:
+        added = set(tokenizer.added_tokens_decoder)
+        ids = [i for i in range(min(len(tokenizer), len(added) + 3)) if i not in added][:3]
+        text = tokenizer.decode(ids) if ids else ""
+    except Exception:
+        return None  # nothing we can tell from
+    if not text.strip():
+        return None
+    try:
+        if tokenizer.encode(text, add_special_tokens=False):
+            return None
+    except Exception as error:
+        return f"cannot encode {PROBE_TEXT!r} nor its own tokens {text!r} ({_summary(error)})"
+    return f"encodes {PROBE_TEXT!r} and its own tokens {text!r} to no token ids"
+
+
+def _check_encodes(path: Path, tokenizer: Any) -> None:
+    """Raise a ``TokenizerLoadError`` whose ``tokenizer`` is ``tokenizer`` when it cannot encode text,
+    so the fixes see it as they see any failed load."""
+    problem = _encoding_problem(tokenizer)
+    if problem is None:
+        return
+    files = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    error = TokenizerLoadError(f"{path}: the {type(tokenizer).__name__} built from "
+                               f"{', '.join(files) or 'no tokenizer file there'} {problem}")
+    error.tokenizer = tokenizer
+    raise error
 
 
 def _caused_by_list_keys(error: BaseException) -> bool:
@@ -117,22 +188,20 @@ def _builtin_fix(config: dict[str, Any], kwargs: dict[str, Any], error: BaseExce
 
 
 def _plugin_fix(path: Path, config: dict[str, Any], error: BaseException) -> tuple[str, dict[str, Any]] | None:
-    from .plugins import call_impl, get_plugin_manager, impls_in_call_order
+    from .plugins import first_result, get_plugin_manager
 
-    hook = get_plugin_manager().hook.diffulex_fix_tokenizer
-    for impl in impls_in_call_order(hook):
-        fix = call_impl(impl, {"path": str(path), "tokenizer_config": dict(config), "error": error},
-                        error=TokenizerLoadError)
-        if fix is None:
-            continue
-        if not isinstance(fix, dict) or not all(isinstance(k, str) for k in fix):
-            raise TokenizerLoadError(f"plugin {impl.plugin_name!r}: diffulex_fix_tokenizer returned {fix!r}; "
-                                     f"expected a dict of keyword arguments or None")
-        if "trust_remote_code" in fix:
-            raise TokenizerLoadError(f"plugin {impl.plugin_name!r}: diffulex_fix_tokenizer asked for trust_remote_code; "
-                                     f"only the caller decides that")
-        return impl.plugin_name, fix
-    return None
+    name, fix = first_result(get_plugin_manager().hook.diffulex_fix_tokenizer,
+                             {"path": str(path), "tokenizer_config": dict(config), "error": error},
+                             error=TokenizerLoadError)
+    if fix is None:
+        return None
+    if not isinstance(fix, dict) or not all(isinstance(k, str) for k in fix):
+        raise TokenizerLoadError(f"plugin {name!r}: diffulex_fix_tokenizer returned {fix!r}; "
+                                 f"expected a dict of keyword arguments or None")
+    if "trust_remote_code" in fix:
+        raise TokenizerLoadError(f"plugin {name!r}: diffulex_fix_tokenizer asked for trust_remote_code; "
+                                 f"only the caller decides that")
+    return name, fix
 
 
 def _construct(path: Path | str, kwargs: dict[str, Any]) -> Any:
@@ -264,6 +333,7 @@ def _load(path: Path, config: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     for _ in range(MAX_ATTEMPTS):
         try:
             tokenizer = _construct(path, {**fix_kwargs, **kwargs})
+            _check_encodes(path, tokenizer)
         except Exception as error:
             first_error = first_error or error
             fix = _builtin_fix(config, {**fix_kwargs, **kwargs}, error)
@@ -274,10 +344,12 @@ def _load(path: Path, config: dict[str, Any], kwargs: dict[str, Any]) -> Any:
                     source = f"plugin:{found[0]}"
                     fix = found[1]
             if fix is None or all(fix_kwargs.get(k, object()) == v for k, v in fix.items()):
-                if not applied:
-                    raise  # nothing we know applies: the original error, unchanged
-                error.add_note(f"diffulex: tokenizer fixes tried for {path}: {', '.join(applied)}")
-                raise
+                invalid = None if isinstance(error, TokenizerLoadError) else _invalid_json(path)
+                if applied:
+                    (invalid or error).add_note(f"diffulex: tokenizer fixes tried for {path}: {', '.join(applied)}")
+                if invalid is not None:
+                    raise invalid from error
+                raise  # nothing we know applies: the original error, unchanged
             fix_kwargs.update(fix)
             applied.append(f"{source} ({', '.join(sorted(fix))})")
             continue

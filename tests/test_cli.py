@@ -192,3 +192,101 @@ def test_load_builds_a_bf16_checkpoint_in_bf16(bf16_llada):
     result = diffulex("load", str(bf16_llada), "--family", "llada")
     assert result.returncode == 0, result.stderr
     assert "llada model built on cpu in bfloat16 (from the checkpoint's tensors)" in result.stdout
+
+
+# --------------------------------------------------------------------------- --json on failure
+
+
+def failure(result: subprocess.CompletedProcess) -> dict:
+    """The one JSON object a failed ``--json`` command printed on stdout."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    data = json.loads(result.stdout)  # one object, nothing else on stdout
+    assert data["ok"] is False and data["error"]["type"] and data["error"]["message"], data
+    return data
+
+
+def test_json_failures_are_one_object_on_stdout(llada_checkpoint, tmp_path):
+    missing = str(tmp_path / "no-such-checkpoint")
+    for command in ("plan", "load"):
+        data = failure(diffulex(command, missing, "--family", "llada", "--json"))
+        assert data["command"] == command and data["error"]["type"] == "CheckpointNotFoundError"
+        assert missing in data["error"]["message"]
+    data = failure(diffulex("load", str(llada_checkpoint), "--family", "lladaa", "--json"))
+    assert data["error"]["type"] == "UnknownFamilyError" and "Did you mean 'llada'?" in data["error"]["message"]
+    data = failure(diffulex("demo", "--family", "lladaa", "--json"))
+    assert data["command"] == "demo" and data["error"]["type"] == "UnknownFamilyError"
+
+
+@pytest.mark.parametrize("command, device", [("load", "nope"), ("load", "cuda"), ("load", "xla"), ("demo", "nope"),
+                                             ("demo", "cuda")])
+def test_a_bad_device_is_a_json_failure_whatever_raised(llada_checkpoint, command, device):
+    """"nope" is not a device at all; "cuda" without CUDA and "xla" without its backend fail when
+    the model is materialized (whatever raises there, --json still gets one object)."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args = ("load", str(llada_checkpoint), "--family", "llada") if command == "load" else ("demo", "--family", "llada")
+    data = failure(diffulex(*args, "--device", device, "--json"))
+    assert device in data["error"]["message"].lower(), data
+    if device == "nope":
+        assert data["error"]["type"] == "LoadError"
+        assert data["error"]["message"].startswith("device 'nope' is not a torch device")
+
+
+def test_without_json_a_bad_device_is_one_line_not_a_traceback(llada_checkpoint):
+    result = diffulex("load", str(llada_checkpoint), "--family", "llada", "--device", "nope")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("diffulex: LoadError: device 'nope' is not a torch device (Expected one")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plan_problems_in_json_carry_the_error_a_load_raises(llada_checkpoint):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"stray.weight": torch.ones(2)}, str(llada_checkpoint / "extra.safetensors"))
+    plan = failure(diffulex("plan", str(llada_checkpoint), "--family", "llada", "--json"))
+    load = failure(diffulex("load", str(llada_checkpoint), "--family", "llada", "--json"))
+    for data in (plan, load):
+        assert data["error"]["type"] == "LoadPlanError" and "stray.weight" in data["error"]["message"]
+        assert data["unexpected"] == ["stray.weight"] and data["model"]["class"] == "LLaDAForDiffusionLM"
+    assert "a load would fail" in plan["error"]["message"] and "nothing was loaded" in load["error"]["message"]
+
+
+def test_plan_and_load_json_say_the_dtype_and_where_it_came_from(bf16_llada):
+    plan = json.loads(diffulex("plan", str(bf16_llada), "--family", "llada", "--json").stdout)
+    assert plan["model"] == {"family": "llada", "class": "LLaDAForDiffusionLM", "device": "meta",
+                             "dtype": "bfloat16", "dtype_source": "the checkpoint's tensors"}
+    result = diffulex("load", str(bf16_llada), "--family", "llada", "--dtype", "float16", "--json")
+    assert result.returncode == 0, result.stderr
+    load = json.loads(result.stdout)
+    assert load["ok"] and load["model"]["device"] == "cpu"
+    assert (load["model"]["dtype"], load["model"]["dtype_source"]) == ("float16", "--dtype")
+    text = diffulex("plan", str(bf16_llada), "--family", "llada")
+    assert "(LLaDAForDiffusionLM, meta device, bfloat16 (from the checkpoint's tensors)):" in text.stdout
+
+
+# --------------------------------------------------------------------------- transforms in the plan
+
+
+def test_plan_shows_each_transform_so_it_is_not_a_plain_copy(use_plugins, plugin_path, tmp_path):
+    """The GPT-2-shaped test family transposes its Conv1D weights: c_attn through a function named
+    ``transpose``, c_proj through a lambda; its biases are plain copies."""
+    use_plugins("gpt2")
+    from diffulex_core.testing import write_checkpoint
+    from diffulex_test_gpt2.model import ToyGPT2, to_checkpoint
+
+    config = {"n_embd": 8, "n_layer": 1, "n_positions": 16, "vocab_size": 32}
+    write_checkpoint(tmp_path, ToyGPT2(config), config=config, to_checkpoint=to_checkpoint)
+    result = diffulex("plan", str(tmp_path), "--family", "toygpt2", "--json", pythonpath=plugin_path("gpt2"))
+    assert result.returncode == 0, result.stderr
+    transforms = {t["name"]: t["transform"] for t in json.loads(result.stdout)["tensors"]}
+    assert transforms["h.0.attn.c_attn.weight"] == "transpose" and transforms["h.0.attn.c_proj.weight"] == "<lambda>"
+    assert transforms["h.0.attn.c_attn.bias"] is None and transforms["wte.weight"] is None
+    text = diffulex("plan", str(tmp_path), "--family", "toygpt2", pythonpath=plugin_path("gpt2")).stdout
+    assert ("h.0.attn.c_attn.weight  float32[8, 24]  -> param h.0.attn.c_attn.weight [transform: transpose]  "
+            "(module:h.0.attn)") in text
+    assert "h.0.attn.c_proj.weight  float32[8, 8]  -> param h.0.attn.c_proj.weight [transform]  (module:h.0.attn)" in text
+    assert "h.0.attn.c_attn.bias  float32[24]  -> param h.0.attn.c_attn.bias  (exact)" in text

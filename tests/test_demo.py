@@ -19,9 +19,10 @@ METRICS = {"TPF": r"TPF\s+([0-9.]+) tokens/forward", "TTFT": r"TTFT\s+([0-9.]+) 
            "throughput": r"throughput\s+([0-9.]+) tokens/s"}
 
 
-def demo(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+def demo(*args: str, pythonpath: str = "", **env: str) -> tuple[subprocess.CompletedProcess, float]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DIFFULEX_")}
-    environ["PYTHONPATH"] = ""  # the installed plugins only
+    environ.update(env)
+    environ["PYTHONPATH"] = pythonpath  # the installed plugins, and the test plugins named
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "diffulex_core", "demo", *args], capture_output=True, text=True,
                             env=environ, timeout=300, stdin=subprocess.DEVNULL)
@@ -190,3 +191,49 @@ def test_checkpoint_needs_a_family_and_lora_needs_a_checkpoint(tmp_path):
     assert result.returncode == 2 and "--checkpoint DIR needs --family NAME" in result.stderr
     result, _ = demo("--lora", str(tmp_path))
     assert result.returncode == 2 and "--lora needs --checkpoint DIR" in result.stderr
+
+
+# --------------------------------------------------------------------------- a third-party family's size
+
+
+def test_a_family_is_built_from_its_plugins_example_config(plugin_path):
+    """The GPT-2-shaped test family's defaults are over a million parameters; its plugin's example
+    (what ``diffulex check`` builds) is tiny. It has no q_proj/v_proj, so no adapter at all."""
+    gpt2 = plugin_path("gpt2")
+    result, _ = demo("--family", "toygpt2", "--json", pythonpath=gpt2)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    ckpt = data["checkpoint"]
+    assert ckpt["config_source"] == "the diffulex_family_examples answer of plugin 'gpt2' (diffulex-test-gpt2 0.1.0)"
+    assert (ckpt["config"]["n_embd"], ckpt["config"]["n_layer"], ckpt["config"]["n_positions"]) == (16, 2, 32)
+    assert ckpt["names"] == "diffulex_test_gpt2.model.to_checkpoint"
+    assert data["parameters"] < 20_000 and data["identical_to_source"] is True and data["source_has_adapter"] is False
+    assert data["lora"] is None and data["lora_note"].startswith("none: the checkpoint has no 2-D q_proj/v_proj")
+    out = demo("--family", "toygpt2", pythonpath=gpt2)[0].stdout
+    assert ("model config from the diffulex_family_examples answer of plugin 'gpt2' (diffulex-test-gpt2 0.1.0), "
+            "with the demo's vocabulary, special-token ids and dtype") in out
+    assert "LoRA: none: the checkpoint has no 2-D q_proj/v_proj weight" in out and "LoRA skipped" not in out
+    assert "adapter on the source" not in out and "loaded model reproduces the source's logits (1, 8, " in out
+
+
+def test_a_factory_example_config_is_used_and_a_family_without_one_is_refused(plugin_path):
+    noexample = plugin_path("check_noexample")
+    result, _ = demo("--family", "noexample-attr", "--json", pythonpath=noexample)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["checkpoint"]["config_source"] == "diffulex_test_check_noexample.build_attr.example_config"
+    assert data["checkpoint"]["config"]["hidden_size"] == 6  # the example's, not the factory's default 4
+    result, _ = demo("--family", "noexample-plain", pythonpath=noexample)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert ("FamilyError: family 'noexample-plain' of plugin 'check_noexample' (diffulex-test-check-noexample 0.1.0) "
+            "gives no example config (diffulex_family_examples or factory.example_config)") in result.stderr
+    assert "diffulex demo --checkpoint DIR --family noexample-plain" in result.stderr
+
+
+def test_without_family_the_first_family_with_an_example_is_chosen(plugin_path):
+    """``toy`` and ``toy-lazy`` sort first and give no example (``toy-ghost`` cannot even import)."""
+    result, _ = demo("--json", pythonpath=plugin_path("healthy", "gpt2"), DIFFULEX_PLUGINS="healthy,gpt2")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["families"][0] == "toy" and data["family"] == "toygpt2"
+    assert data["family_chosen_by"] == "the first installed family, alphabetically, with an example config"

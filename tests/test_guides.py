@@ -1,8 +1,9 @@
 """The guides' code runs, so it cannot rot.
 
-- docs/integrating.md: its python blocks run in order in one namespace, in a subprocess, in an
-  empty working directory; ``# file:`` blocks are written there and ``bash`` blocks run there (the
-  test environment's ``bin`` first on PATH), all in document order.
+- docs/integrating.md and docs/parallel.md: each guide's python blocks run in order in one
+  namespace, in a subprocess, in an empty working directory; ``# file:`` blocks are written there
+  and ``bash`` blocks run there (the test environment's ``bin`` first on PATH, so ``torchrun``
+  launches real processes: gloo on the CPU), all in document order.
 - docs/writing-a-plugin.md, as a new user: every ``# file:`` block is written into an empty
   directory, a new virtual environment sees this one's packages (torch, ...) and gets
   diffulex-core installed into it (editable, offline), and the guide's bash blocks run there in
@@ -57,33 +58,58 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float, what
     return done.stdout
 
 
-# --------------------------------------------------------------------------- docs/integrating.md
+# --------------------------------------------------------------------------- guides run in one session
 
 
-def test_integrating_guide_runs(tmp_path):
-    blocks = _guide("integrating.md")
+def _steps(name: str, bash_timeout: float = 120) -> list[dict]:
+    """The guide's blocks as guide_driver.py steps, in document order."""
     steps = []
-    for block in blocks:
+    for block in _guide(name):
         if block.file is not None:
             steps.append({"kind": "file", "path": block.file, "text": block.text})
         elif block.lang == "python":
             steps.append({"kind": "python", "text": block.text, "source": block.source, "line": block.line})
         elif block.lang == "bash":
             steps.append({"kind": "bash", "text": block.text, "source": block.source, "line": block.line,
-                          "timeout": 120})
-    kinds = [s["kind"] for s in steps]
-    assert kinds.count("python") >= 5 and "bash" in kinds and "file" in kinds, kinds
-    assert any("torchrun" in s["text"] for s in steps if s["kind"] == "bash")
+                          "timeout": bash_timeout})
+    return steps
 
+
+def _run_steps(name: str, steps: list[dict], tmp_path: Path, timeout: float) -> str:
     work = tmp_path / "work"
     work.mkdir()
     steps_file = tmp_path / "steps.json"
     steps_file.write_text(json.dumps(steps))
-    out = _run([sys.executable, str(DRIVER), str(steps_file)], cwd=work, env=_clean_env(THIS_BIN),
-               timeout=240, what="the blocks of docs/integrating.md")
+    return _run([sys.executable, str(DRIVER), str(steps_file)], cwd=work, env=_clean_env(THIS_BIN),
+                timeout=timeout, what=f"the blocks of docs/{name}")
+
+
+def test_integrating_guide_runs(tmp_path):
+    steps = _steps("integrating.md")
+    kinds = [s["kind"] for s in steps]
+    assert kinds.count("python") >= 5 and "bash" in kinds and "file" in kinds, kinds
+    assert any("torchrun" in s["text"] for s in steps if s["kind"] == "bash")
+
+    out = _run_steps("integrating.md", steps, tmp_path, timeout=240)
     for expected in ("tensors loaded", "model.layers.0.self_attn.qkv_proj", "'tpf': '2.00tok/step'", "rank 0:",
                      "rank 1:"):
         assert expected in out, f"{expected!r} is not in the output of docs/integrating.md:\n{out[-6000:]}"
+
+
+def test_parallel_guide_runs_its_ranks(tmp_path):
+    """docs/parallel.md: its own-groups script on 4 ranks (tensor parallel in pairs), then serve.py
+    on 2 (the default group), each launched by torchrun; every rank checks its logits itself."""
+    steps = _steps("parallel.md", bash_timeout=180)
+    launches = [s["text"] for s in steps if s["kind"] == "bash"]
+    assert [f for f in ("own_groups.py", "serve.py") if any(f in t and "torchrun" in t for t in launches)] == [
+        "own_groups.py", "serve.py"], launches
+    assert {s["path"] for s in steps if s["kind"] == "file"} == {"own_groups.py", "serve.py"}
+
+    out = _run_steps("parallel.md", steps, tmp_path, timeout=420)
+    for rank in range(4):  # own_groups.py: each rank in a pair of tensor-parallel rank 0 or 1 of 2
+        assert f"rank {rank}: {{'tp_rank': {rank % 2}, 'tp_size': 2, 'ep_rank': {rank % 2}, 'ep_size': 2}}" in out, out
+    for rank in range(2):  # serve.py: the default group
+        assert f"rank {rank}: tp rank {rank}/2, ep rank {rank}/2: " in out, out
 
 
 # --------------------------------------------------------------------------- docs/writing-a-plugin.md

@@ -262,3 +262,103 @@ def test_get_plugins_is_safe_while_another_thread_resets(use_plugins):
         assert "toy" in plugins.registry.names()
         assert loaded(plugins, "healthy").families == ("toy", "toy-ghost", "toy-lazy")
         assert manager.has_plugin("healthy") and manager.has_plugin("diffulex-core")
+
+
+# --------------------------------------------------------------------------- hook wrappers (pluggy's own calling)
+
+
+def _wrapper_model_and_checkpoint(tmp_path, names):
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    class WrapperModel(nn.Module):
+        uses_test_wrapper = True
+        uses_test_resolver = True  # the "resolver" plugin answers too
+
+        def __init__(self):
+            super().__init__()
+            for dest in ("by_first", "by_new", "by_old", "plain"):
+                setattr(self, dest, nn.Linear(2, 2, bias=False))
+
+    tensors = {name: torch.full((2, 2), float(i + 1)) for i, name in enumerate(names)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return WrapperModel(), tmp_path, tensors
+
+
+def test_hook_wrappers_and_tryfirst_run_as_pluggy_documents_and_the_report_names_who_answered(use_plugins, tmp_path):
+    """A wrapper hookimpl once made every load fail ("returned generator"): hooks were called one
+    implementation at a time, outside pluggy. Now pluggy calls them; the rule still names the plugin."""
+    import torch
+
+    from diffulex_core.loader import load_checkpoint
+
+    use_plugins("resolver", "wrapper")
+    import diffulex_test_wrapper
+
+    diffulex_test_wrapper.SEEN.clear()
+    names = ["everyone.weight", "optimizer_state", "rewrapped.weight", "forced.weight", "plain.weight"]
+    model, path, tensors = _wrapper_model_and_checkpoint(tmp_path, names)
+    report = load_checkpoint(model, path)
+    got = {p.name: (p.kind, p.target, p.rule) for p in report.placements}
+    assert got == {
+        "everyone.weight": ("param", "by_first.weight", "plugin:wrapper"),  # tryfirst beats the resolver plugin
+        "optimizer_state": ("skip", None, "plugin:resolver"),  # passed through the wrapper: still the resolver's
+        "rewrapped.weight": ("param", "by_new.weight", "plugin:wrapper"),  # a new-style wrapper's own answer
+        "forced.weight": ("param", "by_old.weight", "plugin:wrapper"),  # an old-style hookwrapper's force_result
+        "plain.weight": ("param", "plain.weight", "exact"),
+    }
+    assert torch.equal(model.by_first.weight, tensors["everyone.weight"])
+    assert torch.equal(model.by_new.weight, tensors["rewrapped.weight"])
+    assert torch.equal(model.by_old.weight, tensors["forced.weight"])
+    seen = dict(diffulex_test_wrapper.SEEN)
+    assert seen["optimizer_state"].reason == "training-only state"  # the wrapper saw the inner answer
+    assert seen["rewrapped.weight"] is None and seen["plain.weight"] is None
+
+
+@pytest.mark.parametrize(("tensor", "raised"), [("wrapper_explodes.weight", "RuntimeError: wrapper exploded"),
+                                                ("plain_explodes.weight", "ValueError: plain exploded")])
+def test_an_exception_in_a_wrapper_or_an_implementation_names_plugin_distribution_and_hook(use_plugins, tmp_path,
+                                                                                          tensor, raised):
+    from diffulex_core.errors import LoadError
+    from diffulex_core.loader import plan_checkpoint
+
+    use_plugins("resolver", "wrapper")
+    model, path, _ = _wrapper_model_and_checkpoint(tmp_path, [tensor])
+    with pytest.raises(LoadError) as excinfo:
+        plan_checkpoint(model, path)
+    assert str(excinfo.value) == (f"plugin 'wrapper' (diffulex-test-wrapper 0.1.0): diffulex_resolve_weight "
+                                  f"raised {raised} (tensor {tensor!r})")
+    assert type(excinfo.value.__cause__.__cause__).__name__ == raised.split(":")[0]
+
+
+def test_hook_calls_show_in_pluggys_tracing(use_plugins, tmp_path):
+    from diffulex_core.loader import plan_checkpoint
+
+    manager = use_plugins("wrapper").get_plugin_manager()
+    model, path, _ = _wrapper_model_and_checkpoint(tmp_path, ["everyone.weight"])
+    lines: list[str] = []
+    manager.trace.root.setwriter(lines.append)
+    undo = manager.enable_tracing()
+    try:
+        plan_checkpoint(model, path, strict=False)
+    finally:
+        undo()
+        manager.trace.root.setwriter(None)
+    traced = "".join(lines)
+    assert "diffulex_resolve_weight [hook]" in traced and "name: everyone.weight" in traced
+    assert "finish diffulex_resolve_weight --> ResolvedWeight(param='by_first.weight'" in traced
+
+
+def test_a_wrapper_on_a_hook_that_keeps_answers_per_plugin_is_refused_at_discovery(use_plugins):
+    discovery = use_plugins("healthy", "wrapper_refused")
+    with pytest.warns(PluginWarning, match=r"plugin 'wrapper_refused' \(diffulex-test-wrapper-refused 0\.1\.0\)"):
+        plugins = discovery.get_plugins()
+    failure = failures_by_plugin(plugins)["wrapper_refused"]
+    assert failure.stage == "validate"
+    assert failure.message == (
+        "diffulex_packed_modules_mapping() is a hook wrapper of diffulex_packed_modules_mapping, which keeps each "
+        "plugin's answer apart, attributed to that plugin: wrappers are accepted only on the hooks with one answer "
+        "(diffulex_fix_tokenizer, diffulex_resolve_weight); make it a plain @diffulex_core.hookimpl")
+    assert "refused-family" not in plugins.registry.names() and not plugins.manager.has_plugin("wrapper_refused")
+    assert plugins.hook.diffulex_resolve_weight(model=None, name="toy.w", ctx=None) == "healthy:toy.w"

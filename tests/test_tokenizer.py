@@ -494,3 +494,107 @@ def test_a_hub_id_in_the_local_cache_loads_without_the_network(written, tmp_path
     assert "error" not in result, result
     assert result["encodings"][1] == [5, 9, 10, 11, 12, 6] and result["fixups"] == []
     assert result["seconds"] < 10
+
+
+# --------------------------------------------------------------------------- tokenizers that cannot encode
+# Made here with the project's transformers (5), no second environment needed.
+
+WORDS = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "hello": 4, "world": 5, "diffusion": 6}
+
+
+def word_level_dir(directory: Path, vocab: dict[str, int], unk: str | None = "<unk>", special=(),
+                   model_type: str | None = None, bpe: bool = False) -> Path:
+    """A WordLevel (or merge-less BPE) tokenizer saved by PreTrainedTokenizerFast.save_pretrained;
+    ``model_type`` adds a config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = models.BPE(vocab, [], unk_token=unk) if bpe else models.WordLevel(vocab, unk_token=unk)
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    if special:
+        backend.add_special_tokens(list(special))
+    kwargs = {name: token for name, token in (("unk_token", unk), ("pad_token", "<pad>"), ("eos_token", "</s>"))
+              if token in vocab or token in special}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs).save_pretrained(str(directory))
+    if model_type is not None:
+        (directory / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return directory
+
+
+def test_a_tokenizer_that_encodes_nothing_is_rebuilt_from_tokenizer_json(tmp_path):
+    """transformers 5 builds a Qwen2Tokenizer for model_type qwen2 that drops every word of a WordLevel
+    tokenizer.json ("hello world" -> []); we load tokenizer.json itself and say so."""
+    import transformers
+
+    directory = word_level_dir(tmp_path / "qwen2", WORDS, model_type="qwen2")
+    plain = transformers.AutoTokenizer.from_pretrained(str(directory))
+    assert plain("hello world", add_special_tokens=False)["input_ids"] == []  # the real breakage, unchanged
+    tokenizer = auto_tokenizer_from_pretrained(directory)
+    assert tokenizer("hello world diffusion", add_special_tokens=False)["input_ids"] == [4, 5, 6]
+    assert tokenizer.decode([4, 5, 6]) == "hello world diffusion"
+    assert tokenizer.eos_token == "</s>" and tokenizer.unk_token == "<unk>"
+    assert tokenizer.diffulex_fixups == ("plugin:diffulex-core (tokenizer_class)",)
+
+
+def test_a_tokenizer_no_fix_makes_encode_is_a_typed_error_naming_the_files(tmp_path):
+    """An empty vocabulary: neither AutoTokenizer's class nor tokenizer.json's can encode anything."""
+    directory = word_level_dir(tmp_path / "empty", {}, unk=None)
+    with pytest.raises(TokenizerLoadError) as info:
+        auto_tokenizer_from_pretrained(directory)
+    message = str(info.value)
+    assert str(directory) in message and "tokenizer.json" in message and "tokenizer_config.json" in message
+    assert "empty vocabulary" in message
+
+
+def test_an_unusable_tokenizer_without_tokenizer_json_is_a_typed_error(tmp_path):
+    """vocab.json and merges.txt (GPT-2 BPE) whose words no merge reaches: it cannot encode even its
+    own tokens, and without tokenizer.json no fix applies."""
+    directory = tmp_path / "bpe"
+    directory.mkdir()
+    (directory / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "hello": 1, "world": 2}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    with pytest.raises(TokenizerLoadError) as info:
+        auto_tokenizer_from_pretrained(directory)
+    message = str(info.value)
+    assert str(directory) in message and "vocab.json" in message and "merges.txt" in message
+    assert "'hello world'" in message and "no token ids" in message
+
+
+def test_tokenizers_with_small_or_special_only_vocabularies_are_returned(tmp_path):
+    """Not every tokenizer that encodes "hello world" to nothing is broken: a digits-only vocabulary
+    without unk (BPE drops other text, WordLevel raises), or one holding only special tokens, is
+    returned as built; an unk id is an id."""
+    digit_vocab = {str(d): d for d in range(10)}
+    digits = auto_tokenizer_from_pretrained(word_level_dir(tmp_path / "bpe-digits", digit_vocab, unk=None, bpe=True))
+    assert digits("hello world", add_special_tokens=False)["input_ids"] == []
+    assert digits("123", add_special_tokens=False)["input_ids"] == [1, 2, 3] and digits.diffulex_fixups == ()
+    strict = auto_tokenizer_from_pretrained(word_level_dir(tmp_path / "digits", digit_vocab, unk=None))
+    with pytest.raises(Exception, match="Missing"):
+        strict("hello world")
+    assert strict("1 2 3", add_special_tokens=False)["input_ids"] == [1, 2, 3] and strict.diffulex_fixups == ()
+    special = auto_tokenizer_from_pretrained(word_level_dir(tmp_path / "special", {}, unk=None,
+                                                            special=("<pad>", "</s>")))
+    assert special("</s><pad>", add_special_tokens=False)["input_ids"] == [1, 0] and special.diffulex_fixups == ()
+    unk = auto_tokenizer_from_pretrained(word_level_dir(tmp_path / "unk", {"<unk>": 0, "a": 1}))
+    assert unk("hello world", add_special_tokens=False)["input_ids"] == [0, 0] and unk.diffulex_fixups == ()
+
+
+def test_a_tokenizer_config_nested_too_deep_names_the_file(tmp_path):
+    directory = word_level_dir(tmp_path / "deep", WORDS)
+    (directory / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TokenizerLoadError, match=r"tokenizer_config.json is not valid JSON .*nest"):
+        auto_tokenizer_from_pretrained(directory)
+
+
+@pytest.mark.parametrize("content", [b"garbage{", b"", b"\xff\xfe\x00{}", b"[" * 100_000 + b"]" * 100_000, b"[]"],
+                         ids=["garbage", "empty", "not-utf8", "deep", "array"])
+@pytest.mark.parametrize("file", ["tokenizer.json", "special_tokens_map.json"])
+def test_an_unreadable_tokenizer_json_names_the_file(tmp_path, content, file):
+    directory = word_level_dir(tmp_path / "bad", WORDS)
+    (directory / file).write_bytes(content)
+    with pytest.raises(TokenizerLoadError) as info:
+        auto_tokenizer_from_pretrained(directory)
+    assert f"{directory / file} " in str(info.value), str(info.value)

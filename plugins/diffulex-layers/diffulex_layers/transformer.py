@@ -108,7 +108,11 @@ class RotaryEmbedding(nn.Module):
     ``rope`` is a ``RopeParameters`` (the config's rope scaling, computed as transformers does;
     ``diffulex_layers.rope``) or a plain base (theta). With ``"dynamic"`` scaling the frequencies
     depend on the sequence length once it passes ``max_positions``, so those are not cached.
+    The cache is rebuilt whenever it moved (``forward`` compares device and dtype), so a meta copy
+    is fine: ``diffulex_rebuilt_buffers`` tells the loader so.
     """
+
+    diffulex_rebuilt_buffers = ("cos_sin_cache",)
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeParameters | float) -> None:
         super().__init__()
