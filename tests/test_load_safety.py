@@ -8,7 +8,6 @@ import logging
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -352,7 +351,6 @@ def test_init_empty_weights_keeps_ties_attributes_and_declared_rebuilt_buffers(t
 
 
 def test_bundled_families_built_by_our_tools_keep_their_rotary_cache():
-    from diffulex_core.family_models import build_for_checkpoint  # noqa: F401 (the CLI and demo build with it)
     from diffulex_dream.model import build_dream
 
     with init_empty_weights():
