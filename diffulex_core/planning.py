@@ -300,7 +300,7 @@ class Destinations:
             found = self.target(spec.plain(), tensor_name, source)
             if found.kind == "skip":
                 return found._replace(reason=f"{found.reason}; {spec.conversion_note}")
-            return found._replace(note=f"{found.note}; {spec.conversion_note}" if found.note else spec.conversion_note)
+            return found._replace(note=_joined(found.note, spec.conversion_note))
         if spec.skip:
             return Target("skip", None, reason=spec.reason or f"skipped by {source} (no reason given)")
         if spec.loader is not None:
@@ -587,7 +587,8 @@ class _Planner:
                 f"cos/sin table). Build the model under diffulex_core.empty_weights.init_empty_weights() "
                 f"(parameters on meta, buffers computed), or name it in its module's {REBUILT_BUFFERS} "
                 f"if the module recomputes it when moved"))
-        unwritten = [n for n in self.unwritten(written, covered) if n not in without_values]
+        no_values = set(without_values)
+        unwritten = [n for n in self.unwritten(written, covered) if n not in no_values]
         pending: list[str] = []
         if undeclared_loaders and unwritten:
             pending = unwritten
