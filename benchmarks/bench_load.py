@@ -479,7 +479,7 @@ def device_loader(model: nn.Module, paths: list[Path], device: str) -> None:
 
 def device_staged(model: nn.Module, paths: list[Path], device: str, copy, **options):
     """``copy`` (a device_staging path) over reads derived from the headers, into the parameters."""
-    from diffulex_core.device_staging import DeviceRead
+    from diffulex_core.io.staging import DeviceRead
 
     params = dict(model.named_parameters())
     fds = {path: os.open(path, os.O_RDONLY) for path in paths}
@@ -514,7 +514,7 @@ def pinned_limit(gib: float = 1.0, repeats: int = 8) -> float:
 
 
 def run_device_case(args) -> None:
-    from diffulex_core import device_staging
+    from diffulex_core.io import staging as device_staging
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():

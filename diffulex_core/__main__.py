@@ -1,5 +1,5 @@
 """``python -m diffulex_core`` runs the ``diffulex`` command line."""
 
-from .cli import main
+from diffulex_core.tools.cli import main
 
 raise SystemExit(main())

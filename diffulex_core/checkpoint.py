@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, NamedTuple
 
-from .errors import WeightSpecError
+from diffulex_core.errors import WeightSpecError
 
 __all__ = ["LoadContext", "ResolvedWeight", "WeightDestination"]
 

@@ -124,7 +124,7 @@ def diffulex_ignored_checkpoint_keys(model):
 def diffulex_family_examples():
     """Give a small example of each model family this plugin registers, for ``diffulex check``.
 
-    Called by ``diffulex check PLUGIN`` (``diffulex_core.conformance.check_plugin``), never
+    Called by ``diffulex check PLUGIN`` (``diffulex_core.testing.check_plugin``), never
     during a load. For each family the check builds the model on the meta device from the
     example's config, then builds it on the CPU with random weights, writes it as a sharded
     safetensors checkpoint through the family's export, loads that into a meta-built twin and
@@ -134,7 +134,7 @@ def diffulex_family_examples():
 
     :return: a mapping ``{family_name: example}``, or ``None``. An example is the family's
         config mapping (shaped like its ``config.json``), or a
-        ``diffulex_core.conformance.FamilyExample(config, to_checkpoint=None, inputs=None)``:
+        ``diffulex_core.plugin_api.FamilyExample(config, to_checkpoint=None, inputs=None)``:
         ``to_checkpoint(model)`` returns the model's weights under checkpoint names (the
         family's export; ``None``: the model's ``state_dict`` names) and ``inputs(model)`` the
         tuple of positional arguments of one forward call (``None``: token ids

@@ -19,19 +19,19 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .applying import WriteState, apply_plan, problem_message
-from .checkpoint import LoadContext, ResolvedWeight
-from .device_staging import choose_path
-from .errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
-from .interrupts import deferred_interrupts
-from .packed_mapping import PackedMapping, merge_mappings
-from .parallel import ParallelState, agree, current_parallel_state
-from .partial_load import clear_partial, mark_partial
-from .planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
+from diffulex_core.loading.applying import WriteState, apply_plan, problem_message
+from diffulex_core.checkpoint import LoadContext, ResolvedWeight
+from diffulex_core.io.staging import choose_path
+from diffulex_core.errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
+from diffulex_core.loading.interrupts import deferred_interrupts
+from diffulex_core.loading.packed_mapping import PackedMapping, merge_mappings
+from diffulex_core.parallel import ParallelState, agree, current_parallel_state
+from diffulex_core.loading.partial_load import clear_partial, mark_partial
+from diffulex_core.loading.planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
                        plan_checkpoint, plan_for_load, resolver_of)
-from .lora import enable_lora_for_model, load_lora_config, load_lora_weights, prepare_lora, warn_base_only
-from .report import LoadReport
-from .ties import materialize
+from diffulex_core.lora.adapters import enable_lora_for_model, load_lora_config, load_lora_weights, prepare_lora, warn_base_only
+from diffulex_core.loading.report import LoadReport
+from diffulex_core.loading.ties import materialize
 
 __all__ = [
     "default_weight_loader",
@@ -341,7 +341,7 @@ def load_model(model: nn.Module, config: Any) -> nn.Module:
     device (``torch.set_default_device``, as Diffulex's engine sets it).
 
     With ``use_lora`` and a ``lora_path``, the adapter is read and checked against the model
-    before the base weights are loaded (``diffulex_core.lora``): any problem raises
+    before the base weights are loaded (``diffulex_core.lora.adapters``): any problem raises
     ``LoraError`` and nothing was loaded; then the adapters are written (and merged with
     ``pre_merge_lora``). ``use_lora`` with an empty ``lora_path`` loads the base model with a
     ``LoraWarning``, as the seed does; a ``lora_path`` that does not exist is an error.

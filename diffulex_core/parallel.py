@@ -18,7 +18,7 @@ import contextvars
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .errors import ParallelConfigError
+from diffulex_core.errors import ParallelConfigError
 
 __all__ = ["ParallelState", "agree", "current_parallel_state", "divide", "parallel_state", "use_parallel_state"]
 
@@ -129,7 +129,7 @@ def agree(state: ParallelState, step: str, error: BaseException | None) -> None:
         return
     import torch.distributed as dist
 
-    from .errors import ParallelLoadError
+    from diffulex_core.errors import ParallelLoadError
 
     mine = None if error is None else f"{type(error).__name__}: {error}"
     failures: dict[int, str] = {}

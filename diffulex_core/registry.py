@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .family_registry import FamilyEntry, FamilyRegistry, fetch_factory_name, validate_registration
-from .plugins import get_plugins
+from diffulex_core.plugins.family_registry import FamilyEntry, FamilyRegistry, fetch_factory_name, validate_registration
+from diffulex_core.plugins.discovery import get_plugins
 
 __all__ = [
     "FamilyEntry",

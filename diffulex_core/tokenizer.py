@@ -40,8 +40,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import TokenizerLoadError
-from .special_tokens import STANDARD_SPECIAL_TOKENS
+from diffulex_core.errors import TokenizerLoadError
+from diffulex_core.special_tokens import STANDARD_SPECIAL_TOKENS
 
 __all__ = ["auto_tokenizer_from_pretrained", "coerce_extra_special_tokens", "STANDARD_SPECIAL_TOKENS", "TOKENIZER_CONFIG"]
 
@@ -188,7 +188,7 @@ def _builtin_fix(config: dict[str, Any], kwargs: dict[str, Any], error: BaseExce
 
 
 def _plugin_fix(path: Path, config: dict[str, Any], error: BaseException) -> tuple[str, dict[str, Any]] | None:
-    from .plugins import first_result, get_plugin_manager
+    from diffulex_core.plugins.discovery import first_result, get_plugin_manager
 
     name, fix = first_result(get_plugin_manager().hook.diffulex_fix_tokenizer,
                              {"path": str(path), "tokenizer_config": dict(config), "error": error},

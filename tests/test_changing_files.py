@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from diffulex_core import reader
+from diffulex_core.io import reader
 from diffulex_core.errors import CheckpointFormatError, LoadApplyError
 from diffulex_core.loader import load_checkpoint
 

@@ -13,7 +13,8 @@ import pluggy
 import pytest
 
 from diffulex_core import hookspecs
-from diffulex_core.conformance import NO_EXAMPLE, CheckResult, FamilyExample, check_plugin, cmd_check
+from diffulex_core.conformance import CheckResult, FamilyExample, check_plugin
+from diffulex_core.tools.check import NO_EXAMPLE, cmd_check
 
 quiet_discovery = pytest.mark.filterwarnings("ignore::diffulex_core.errors.PluginWarning")  # the checks report them
 

@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffulex_core import device_staging as staging
-from diffulex_core.device_staging import (
+from diffulex_core.io import staging
+from diffulex_core.io.staging import (
     CpuStandInBackend,
     CudaBackend,
     DeviceRead,

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from diffulex_core.checkpoint_files import DTYPE_BITS, read_header, read_records
+from diffulex_core.files.headers import DTYPE_BITS, read_header, read_records
 from diffulex_core.errors import LoadError
 from diffulex_core.loader import load_checkpoint
 

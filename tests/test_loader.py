@@ -22,7 +22,7 @@ from diffulex_core.loader import (
     try_load_direct,
     try_load_via_packed_mapping,
 )
-from diffulex_core.packed_mapping import PackedMapping, merge_mappings
+from diffulex_core.loading.packed_mapping import PackedMapping, merge_mappings
 
 
 def linear(n=2, m=2):

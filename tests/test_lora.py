@@ -181,7 +181,7 @@ def test_checked_on_a_meta_model_then_written_after_the_base_load(base, tmp_path
     """The order of ``diffulex load --lora``: the adapter is checked (and its adapters added) on the
     meta device, the base load materializes the model, then the tensors land on the live parameters."""
     from diffulex_core.errors import LoraError
-    from diffulex_core.lora import prepare_lora
+    from diffulex_core.lora.adapters import prepare_lora
     from diffulex_dream.model import build_dream
 
     reference, directory = base
@@ -398,7 +398,7 @@ def test_load_lora_config_keeps_the_seed_dict_view(adapter):
 
 
 def test_diffulex_load_with_lora_and_merge(base, tmp_path, capsys):
-    from diffulex_core.cli import main
+    from diffulex_core.tools.cli import main
 
     write_adapter(base[0], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     assert main(["load", str(base[1]), "--family", "dream", "--lora", str(tmp_path / "adapter"), "--merge", "--json"]) == 0

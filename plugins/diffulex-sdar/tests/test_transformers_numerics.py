@@ -120,7 +120,7 @@ def test_sdar_moe_equals_qwen3_moe_with_experts_in_their_slots(tmp_path, extra, 
 
 
 def test_diffulex_plan_shows_each_expert_tensor_in_its_slot(tmp_path, capsys):
-    from diffulex_core.cli import main
+    from diffulex_core.tools.cli import main
 
     hf_config = transformers.Qwen3MoeConfig(**ATTENTION, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                                             moe_intermediate_size=16, mlp_only_layers=[1])

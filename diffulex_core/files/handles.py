@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint_files import open_regular
-from .errors import CheckpointFormatError
+from diffulex_core.files.headers import open_regular
+from diffulex_core.errors import CheckpointFormatError
 
 __all__ = ["OpenFiles"]
 

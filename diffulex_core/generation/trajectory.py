@@ -2,7 +2,7 @@
 and how their block traces are packed (``TraceStatuses``, ``TRACE_DTYPE``).
 
 It exists so that what a trajectory *stores* (change sets, packed trace records, counters) lives
-apart from how steps are *recorded* and *measured* (``diffulex_core.output``, which re-exports
+apart from how steps are *recorded* and *measured* (``diffulex_core.generation.outputs``, which re-exports
 these names: import them from either). Imports go one way: ``output`` imports this module, never
 the reverse.
 """
@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .engine_requests import Outcome, trace_rows_from_mappings
+from diffulex_core.generation.requests import Outcome, trace_rows_from_mappings
 
 __all__ = [
     "ReqStep",

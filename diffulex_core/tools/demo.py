@@ -26,7 +26,7 @@ reproduces the source model's logits exactly.
 ``--checkpoint DIR --family NAME`` runs the same path on a user's checkpoint (nothing written but,
 when DIR has no tokenizer files, the demo's own tokenizer; LoRA only with ``--lora DIR``).
 
-Importing this module is cheap (the standard library only): ``diffulex_core.cli`` imports it to
+Importing this module is cheap (the standard library only): ``diffulex_core.tools.cli`` imports it to
 build its parser; torch, transformers and the plugins are imported when the demo runs.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DiffulexError
+from diffulex_core.errors import DiffulexError
 
 __all__ = ["DemoRequest", "add_arguments", "first_embedding_rows", "main", "run_demo", "write_demo_lora",
            "write_demo_tokenizer"]
@@ -167,8 +167,8 @@ def write_demo_lora(directory: str | Path, checkpoint: str | Path, *, seed: int 
     (small random A and B); (None, []) when it has none."""
     import torch
 
-    from .checkpoint_files import find_checkpoint_files, read_records
-    from .testing import write_lora_adapter
+    from diffulex_core.files.headers import find_checkpoint_files, read_records
+    from diffulex_core.testing import write_lora_adapter
 
     shapes = {}
     for file in find_checkpoint_files(checkpoint).files:
@@ -212,7 +212,7 @@ def _eos_ids(tokenizer: Any, config: dict) -> tuple[int, ...]:
 
 
 def _token_texts(tokenizer: Any, ids: list[int], mask_id: int) -> list[str]:
-    from .output import decode_token_ids_robust
+    from diffulex_core.generation.outputs import decode_token_ids_robust
 
     shown = []
     for t in ids:
@@ -230,7 +230,7 @@ def decode(model: Any, tokenizer: Any, prompts: tuple[str, ...], *, mask_id: int
     ``GenerationOutputs`` (returned with a per-request log of the steps)."""
     import torch
 
-    from .output import GenerationOutputs
+    from diffulex_core.generation.outputs import GenerationOutputs
 
     outputs = GenerationOutputs(len(prompts))
     prompt_ids = []
@@ -296,8 +296,8 @@ def _family_and_example(family: str | None, plugins: Any) -> tuple[str, tuple[st
     example its plugin gives ``diffulex check``: a family's defaults may be full size (a GPT-2
     family's are 86M parameters), and only the plugin knows a small config that works. Without
     ``--family``: the first family, alphabetically, that has one."""
-    from .conformance import family_example
-    from .errors import FamilyError
+    from diffulex_core.tools.check import family_example
+    from diffulex_core.errors import FamilyError
 
     if family is not None:
         found = family_example(family)
@@ -336,12 +336,12 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
          dtype: str | None, device: str) -> dict[str, Any]:
     import torch
 
-    from .family_models import build_for_checkpoint, checkpoint_config
-    from .loader import load_checkpoint, plan_checkpoint
-    from .lora import prepare_lora
-    from .output import decode_token_ids_robust
-    from .plugins import get_plugins
-    from .tokenizer import auto_tokenizer_from_pretrained
+    from diffulex_core.loading.family_models import build_for_checkpoint, checkpoint_config
+    from diffulex_core.loader import load_checkpoint, plan_checkpoint
+    from diffulex_core.lora.adapters import prepare_lora
+    from diffulex_core.generation.outputs import decode_token_ids_robust
+    from diffulex_core.plugins.discovery import get_plugins
+    from diffulex_core.tokenizer import auto_tokenizer_from_pretrained
 
     plugins = get_plugins()
     chosen = "--family" if family else "the first installed family, alphabetically, with an example config"
@@ -373,7 +373,7 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
         config.update(vocab_size=rows, mask_token_id=min(rows, len(vocab)) - 1)
         to_checkpoint = example.to_checkpoint
         path = scratch / "checkpoint"
-        from .testing import write_checkpoint
+        from diffulex_core.testing import write_checkpoint
 
         write_checkpoint(path, source, shards=2, config=config, to_checkpoint=to_checkpoint)
         tokenizer_dir, tokenizer_source = write_demo_tokenizer(scratch / "tokenizer", rows), "written by the demo"

@@ -27,18 +27,18 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import ConvertedResolvedWeight, LoadContext, ResolvedWeight, WeightDestination, as_resolved_weight
-from .checkpoint_files import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
-from .checkpoint_slice import CheckpointSlice, accepts_checkpoint_slice
-from .errors import CheckpointFormatError, DiffulexError, LoadError, WeightSpecError
-from .file_handles import OpenFiles
-from .packed_mapping import MappedName, PackedMapping, merge_mappings
-from .parallel import ParallelState, current_parallel_state
-from .plugins import collect_results, first_result, plugin_label
-from .report import LoadReport, TensorPlacement
-from .ties import storage_key, tie_keys
-from .empty_weights import REBUILT_BUFFERS
-from .write_watch import MetaOnly
+from diffulex_core.checkpoint import ConvertedResolvedWeight, LoadContext, ResolvedWeight, WeightDestination, as_resolved_weight
+from diffulex_core.files.headers import DTYPES, CheckpointFiles, TensorRecord, find_checkpoint_files, read_records
+from diffulex_core.io.slices import CheckpointSlice, accepts_checkpoint_slice
+from diffulex_core.errors import CheckpointFormatError, DiffulexError, LoadError, WeightSpecError
+from diffulex_core.files.handles import OpenFiles
+from diffulex_core.loading.packed_mapping import MappedName, PackedMapping, merge_mappings
+from diffulex_core.parallel import ParallelState, current_parallel_state
+from diffulex_core.plugins.discovery import collect_results, first_result, plugin_label
+from diffulex_core.loading.report import LoadReport, TensorPlacement
+from diffulex_core.loading.ties import storage_key, tie_keys
+from diffulex_core.empty_weights import REBUILT_BUFFERS
+from diffulex_core.loading.write_watch import MetaOnly
 
 __all__ = ["LoadPlan", "Destinations", "Layout", "Target", "plan_checkpoint", "plan_for_load", "gc_paused", "default_weight_loader",
            "whole_tensor_loader", "load_into", "resolver_of", "ask_module_resolvers", "takes_slice"]
@@ -410,7 +410,7 @@ def model_packed_mapping(model: nn.Module, config: Any = None,
 
 
 def _plugin_manager():
-    from .plugins import get_plugin_manager
+    from diffulex_core.plugins.discovery import get_plugin_manager
 
     return get_plugin_manager()
 
@@ -427,7 +427,7 @@ class _Planner:
         model_name = type(model).__qualname__
         self.mapping = model_packed_mapping(model, config)
         self.expected_missing = list(getattr(model, "expected_missing_keys", None) or ())
-        # LoRA adapter parameters (diffulex_core.lora) are written by the adapter load, not the checkpoint.
+        # LoRA adapter parameters (diffulex_core.lora.adapters) are written by the adapter load, not the checkpoint.
         self.adapter_params = set(getattr(model, "diffulex_lora_parameters", None) or ())
         for _, names in collect_results(hook.diffulex_expected_missing, {"model": model}, error=LoadError):
             self.expected_missing += list(names)

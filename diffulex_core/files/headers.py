@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import CheckpointFormatError, CheckpointNotFoundError, LoadError
+from diffulex_core.errors import CheckpointFormatError, CheckpointNotFoundError, LoadError
 
 __all__ = ["TensorRecord", "CheckpointFiles", "find_checkpoint_files", "open_regular", "read_header", "read_records", "DTYPES"]
 

@@ -8,7 +8,7 @@ import sys
 import traceback
 from typing import Any, Sequence
 
-from .errors import DiffulexError
+from diffulex_core.errors import DiffulexError
 
 
 def _print_json(data: Any) -> None:
@@ -17,7 +17,7 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import get_plugins
+    from diffulex_core.plugins.discovery import get_plugins
 
     plugins = get_plugins()
     if args.json:
@@ -37,15 +37,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import add_arguments  # the standard library only: cheap
+    from diffulex_core.tools.demo import add_arguments  # the standard library only: cheap
 
     add_arguments(parser)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole path on a tiny random model (or ``--checkpoint``): see ``diffulex_core.demo``."""
-    from .demo import main
-    from .loader import check_device
+    """The whole path on a tiny random model (or ``--checkpoint``): see ``diffulex_core.tools.demo``."""
+    from diffulex_core.tools.demo import main
+    from diffulex_core.loader import check_device
 
     check_device(args.device)  # before anything is built
     return main(args)
@@ -59,7 +59,7 @@ def _failure(args: argparse.Namespace, exc: BaseException) -> dict[str, Any]:
 def _problems(report, outcome: str) -> dict[str, Any]:
     """A report's problems as the error a strict load raises for them (``--json`` of a plan, or of
     a ``--no-strict`` load, that found some)."""
-    from .applying import problem_message
+    from diffulex_core.loading.applying import problem_message
 
     return {"type": "LoadPlanError", "message": problem_message(report, outcome=outcome)}
 
@@ -100,8 +100,8 @@ def _print_report(report, *, show_tensors: bool) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device and plan the load from headers alone."""
-    from .family_models import build_for_checkpoint
-    from .loader import plan_checkpoint
+    from diffulex_core.loading.family_models import build_for_checkpoint
+    from diffulex_core.loader import plan_checkpoint
 
     model, dtype_note = build_for_checkpoint(args.family, args.checkpoint, "meta", None)
     report = plan_checkpoint(model, args.checkpoint, family=args.family).report
@@ -119,10 +119,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device, then load (materializing it on --device)."""
-    from .errors import LoadPlanError
-    from .family_models import build_for_checkpoint
-    from .loader import check_device, load_checkpoint
-    from .lora import prepare_lora
+    from diffulex_core.errors import LoadPlanError
+    from diffulex_core.loading.family_models import build_for_checkpoint
+    from diffulex_core.loader import check_device, load_checkpoint
+    from diffulex_core.lora.adapters import prepare_lora
 
     if args.merge and not args.lora:
         print("diffulex: --merge needs --lora DIR", file=sys.stderr)
@@ -154,7 +154,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check an installed plugin: hooks, and per family a meta build and a checkpoint round trip."""
-    from .conformance import cmd_check as check
+    from diffulex_core.tools.check import cmd_check as check
 
     return check(args)
 

@@ -66,7 +66,7 @@ class LoadReport:
     apply_seconds: float = 0.0
     read_paths: dict[str, dict[str, float]] = field(default_factory=dict)
     parallel: dict[str, int] = field(default_factory=lambda: {"tp_rank": 0, "tp_size": 1, "ep_rank": 0, "ep_size": 1})
-    lora: Any = None  # a diffulex_core.lora.LoraReport when an adapter was loaded with the checkpoint
+    lora: Any = None  # a diffulex_core.lora.adapters.LoraReport when an adapter was loaded with the checkpoint
     partial: str | None = None  # why the failed load left the model partly written (then marked); None: it did not
 
     def add_problem(self, kind: str, text: str) -> None:

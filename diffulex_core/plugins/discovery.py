@@ -24,9 +24,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import ConfigurationError, DiffulexError, PluginError, PluginHookError, PluginLoadError, PluginWarning
-from .family_registry import FamilyEntry, FamilyRegistry, validate_registration
+from diffulex_core import hookspecs
+from diffulex_core.errors import ConfigurationError, DiffulexError, PluginError, PluginHookError, PluginLoadError, PluginWarning
+from diffulex_core.plugins.family_registry import FamilyEntry, FamilyRegistry, validate_registration
 
 __all__ = [
     "PluginInfo",
@@ -286,7 +286,8 @@ class _Discovery:
     """Loads every entry point of the group into one manager and one registry."""
 
     def __init__(self) -> None:
-        from . import __version__, builtin_fixups
+        from diffulex_core import __version__
+        from diffulex_core.plugins import builtin_fixups
 
         self.manager = _new_manager()
         core = PluginInfo(builtin_fixups.PLUGIN_NAME, builtin_fixups.__name__, "diffulex-core", __version__)

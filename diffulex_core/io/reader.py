@@ -20,7 +20,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 
-from .errors import LoadApplyError
+from diffulex_core.errors import LoadApplyError
 
 __all__ = ["CastRead", "DirectRead", "read_direct", "read_exact", "readv_exact"]
 

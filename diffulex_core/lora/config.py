@@ -4,7 +4,7 @@ PEFT owns the format. We read the fields that decide what an adapter computes, r
 whose feature we do not implement (naming the field), and match module names exactly as PEFT's
 ``check_target_module_exists`` and ``get_pattern_key`` do, so an adapter targets here what it
 targeted when it was trained. Names are the adapter's (checkpoint) module names, such as
-``model.layers.0.self_attn.q_proj``; ``diffulex_core.lora`` translates them to the model's.
+``model.layers.0.self_attn.q_proj``; ``diffulex_core.lora.adapters`` translates them to the model's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LoraConfigError, LoraWarning
+from diffulex_core.errors import LoraConfigError, LoraWarning
 
 __all__ = ["LoraConfig", "load_lora_config", "ALL_LINEAR", "SEED_DEFAULTS"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PartialLoadError
+from diffulex_core.errors import PartialLoadError
 
 __all__ = ["PartialLoad", "mark_partial", "clear_partial", "partial_load_of"]
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import WeightSpecError
+from diffulex_core.errors import WeightSpecError
 
 __all__ = ["PackedMapping", "MappedName", "normalize_mapping", "merge_mappings"]
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_writer import write_checkpoint
+from diffulex_core.files.writer import write_checkpoint
 
 __all__ = ["assert_clean_load", "check_plugin", "isolated_plugins", "write_checkpoint", "write_lora_adapter"]
 
@@ -32,7 +32,7 @@ def isolated_plugins(**plugins: Any) -> Iterator[Any]:
     core's built-in hooks: families, loads and tokenizers use them; no entry point is read. Yields
     the ``Plugins`` outcome (check ``.failures``: a plugin that fails to register is reported, not
     raised, as in discovery)."""
-    from .plugins import plugins_from, using_plugins
+    from diffulex_core.plugins.discovery import plugins_from, using_plugins
 
     with using_plugins(plugins_from(plugins)) as outcome:
         yield outcome
@@ -87,8 +87,8 @@ def assert_clean_load(model: Any, checkpoint: str | Path, *, family: str | None 
     ``"module:<prefix>"``, ``"plugin:<name>"``, ``"packed_mapping:root"``; a pattern ending in
     ``*`` on the rule side matches a prefix). Tensors no pattern matches may use any rule.
     """
-    from .errors import LoadPlanError
-    from .loader import load_checkpoint
+    from diffulex_core.errors import LoadPlanError
+    from diffulex_core.loader import load_checkpoint
 
     is_meta = any(p.is_meta for p in model.parameters())
     try:
@@ -111,7 +111,7 @@ def assert_clean_load(model: Any, checkpoint: str | Path, *, family: str | None 
 
 def check_plugin(name: str, **kwargs: Any) -> Any:
     """``diffulex check NAME`` as a function: the conformance result (``.ok``, ``.problems``)."""
-    from .conformance import check_plugin as check
+    from diffulex_core.tools.check import check_plugin as check
 
     return check(name, **kwargs)
 

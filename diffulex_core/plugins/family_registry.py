@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from .errors import DuplicateFamilyError, FamilyFactoryError, UnknownFamilyError
+from diffulex_core.errors import DuplicateFamilyError, FamilyFactoryError, UnknownFamilyError
 
 __all__ = ["FamilyEntry", "FamilyRegistry", "fetch_factory_name", "validate_registration"]
 

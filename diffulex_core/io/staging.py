@@ -34,8 +34,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
-from .errors import ConfigurationError, LoadApplyError
-from .reader import read_exact
+from diffulex_core.errors import ConfigurationError, LoadApplyError
+from diffulex_core.io.reader import read_exact
 
 __all__ = [
     "CpuStandInBackend",

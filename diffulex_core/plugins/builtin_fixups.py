@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import TokenizerLoadError
-from .hookspecs import hookimpl
-from .special_tokens import STANDARD_SPECIAL_TOKENS
+from diffulex_core.errors import TokenizerLoadError
+from diffulex_core.hookspecs import hookimpl
+from diffulex_core.special_tokens import STANDARD_SPECIAL_TOKENS
 
 PLUGIN_NAME = "diffulex-core"
 

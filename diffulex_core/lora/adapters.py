@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import WeightDestination
-from .checkpoint_files import find_checkpoint_files, read_records
-from .errors import LoadApplyError, LoraAdapterError, LoraError, LoraWarning
-from .file_handles import OpenFiles
-from .lora_config import LoraConfig, load_lora_config
-from .packed_mapping import MappedName, PackedMapping
-from .planning import model_packed_mapping
-from .ties import tie_keys
+from diffulex_core.checkpoint import WeightDestination
+from diffulex_core.files.headers import find_checkpoint_files, read_records
+from diffulex_core.errors import LoadApplyError, LoraAdapterError, LoraError, LoraWarning
+from diffulex_core.files.handles import OpenFiles
+from diffulex_core.lora.config import LoraConfig, load_lora_config
+from diffulex_core.loading.packed_mapping import MappedName, PackedMapping
+from diffulex_core.loading.planning import model_packed_mapping
+from diffulex_core.loading.ties import tie_keys
 
 __all__ = ["LoraConfig", "LoraReport", "LoraSlot", "enable_lora_for_model", "load_lora_config", "load_lora_weights",
            "prepare_lora"]

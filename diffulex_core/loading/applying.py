@@ -28,14 +28,14 @@ from typing import Mapping
 
 import torch
 
-from .errors import LoadApplyError, LoadPlanError
-from .checkpoint_slice import ByteMeter, CheckpointSlice, byte_runs
-from .device_staging import DeviceRead, choose_path
-from .interrupts import InterruptGate
-from .planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into, takes_slice
-from .reader import CastRead, DirectRead, read_direct, read_exact
-from .report import LoadReport
-from .write_watch import ModelMemory, WriteWatcher
+from diffulex_core.errors import LoadApplyError, LoadPlanError
+from diffulex_core.io.slices import ByteMeter, CheckpointSlice, byte_runs
+from diffulex_core.io.staging import DeviceRead, choose_path
+from diffulex_core.loading.interrupts import InterruptGate
+from diffulex_core.loading.planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into, takes_slice
+from diffulex_core.io.reader import CastRead, DirectRead, read_direct, read_exact
+from diffulex_core.loading.report import LoadReport
+from diffulex_core.loading.write_watch import ModelMemory, WriteWatcher
 
 __all__ = ["apply_plan", "problem_message", "WriteState"]
 

@@ -1,0 +1,2 @@
+"""The ``diffulex`` command line (``cli``), ``diffulex check`` (``check``) and ``diffulex demo`` (``demo``).
+They use the library's public and package-internal APIs only."""
