@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from diffulex_core.environment import env_flag
 from diffulex_core.errors import TokenizerLoadError
 from diffulex_core.special_tokens import STANDARD_SPECIAL_TOKENS
 
@@ -57,7 +57,6 @@ MAX_ATTEMPTS = 4  # the first try plus up to three fixes, each for a different e
 HUB_TIMEOUT_S = 10.0  # the one request asking the hub whether a repository exists
 # huggingface_hub's rule for repository ids: "name" or "namespace/name", word characters, "-", "."
 _HUB_ID = re.compile(r"(?:[\w\-.]+/)?[\w\-.]+")
-_TRUE_ENV = {"1", "on", "yes", "true"}
 _LIST_KEYS_ERROR = "'list' object has no attribute 'keys'"
 
 
@@ -188,7 +187,8 @@ def _builtin_fix(config: dict[str, Any], kwargs: dict[str, Any], error: BaseExce
 
 
 def _plugin_fix(path: Path, config: dict[str, Any], error: BaseException) -> tuple[str, dict[str, Any]] | None:
-    from diffulex_core.plugins.discovery import first_result, get_plugin_manager
+    from diffulex_core.plugins import get_plugin_manager
+    from diffulex_core.plugins.hook_calls import first_result
 
     name, fix = first_result(get_plugin_manager().hook.diffulex_fix_tokenizer,
                              {"path": str(path), "tokenizer_config": dict(config), "error": error},
@@ -301,7 +301,7 @@ def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in _TRUE_ENV
+        env_flag("TRANSFORMERS_OFFLINE", False)
 
 
 def _hub_problem(repo_id: str, kwargs: dict[str, Any]) -> str | None:

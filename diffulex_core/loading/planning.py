@@ -34,7 +34,7 @@ from diffulex_core.errors import CheckpointFormatError, DiffulexError, LoadError
 from diffulex_core.files.handles import OpenFiles
 from diffulex_core.loading.packed_mapping import MappedName, PackedMapping, merge_mappings
 from diffulex_core.parallel import ParallelState, current_parallel_state
-from diffulex_core.plugins.discovery import collect_results, first_result, plugin_label
+from diffulex_core.plugins.hook_calls import collect_results, first_result, plugin_label
 from diffulex_core.loading.report import LoadReport, TensorPlacement
 from diffulex_core.loading.ties import storage_key, tie_keys
 from diffulex_core.empty_weights import REBUILT_BUFFERS
@@ -410,7 +410,7 @@ def model_packed_mapping(model: nn.Module, config: Any = None,
 
 
 def _plugin_manager():
-    from diffulex_core.plugins.discovery import get_plugin_manager
+    from diffulex_core.plugins import get_plugin_manager
 
     return get_plugin_manager()
 

@@ -10,45 +10,45 @@ failure fatal.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import functools
-import inspect
 import os
 import re
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
-from collections.abc import Iterator
 from typing import Any
 
 import pluggy
 
 from diffulex_core import hookspecs
-from diffulex_core.errors import ConfigurationError, DiffulexError, PluginError, PluginHookError, PluginLoadError, PluginWarning
+from diffulex_core.environment import env_flag
+from diffulex_core.errors import PluginHookError, PluginLoadError, PluginWarning
 from diffulex_core.plugins.family_registry import FamilyEntry, FamilyRegistry, validate_registration
+from diffulex_core.plugins.hook_calls import PluginHooks
+from diffulex_core.plugins.validation import new_manager, scratch_manager, validate_plugin
 
 __all__ = [
-    "PluginInfo",
+    "ENV_ALLOW",
+    "ENV_BLOCK",
+    "ENV_STRICT",
     "PluginFailure",
+    "PluginInfo",
     "Plugins",
-    "get_plugins",
+    "discover",
     "get_plugin_manager",
+    "get_plugins",
+    "installed_plugins",
+    "matches",
+    "normalize_name",
+    "plugins_from",
     "reset_plugins",
-    "PluginHookError",
-    "collect_results",
-    "first_result",
-    "plugin_answers",
-    "plugin_label",
+    "using_plugins",
 ]
 
 ENV_ALLOW = "DIFFULEX_PLUGINS"
 ENV_BLOCK = "DIFFULEX_DISABLE_PLUGINS"
 ENV_STRICT = "DIFFULEX_STRICT_PLUGINS"
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
-
 
 @dataclass(frozen=True)
 class PluginInfo:
@@ -128,25 +128,22 @@ class Plugins:
         }
 
 
-def _flag(name: str) -> bool:
-    raw = os.environ.get(name, "")
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use 1 or 0")
-
-
 def _name_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)
     if raw is None:
         return None
-    return {_normalize(part) for part in raw.split(",") if part.strip()}
+    return {normalize_name(part) for part in raw.split(",") if part.strip()}
 
 
-def _normalize(name: str) -> str:
+def normalize_name(name: str) -> str:
+    """An entry-point or distribution name as the allow and block lists compare it."""
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def installed_plugins() -> list[tuple[PluginInfo, EntryPoint]]:
+    """Every entry point of group ``diffulex``, with what its distribution says, in a stable order."""
+    found = ((_info(ep), ep) for ep in entry_points(group=hookspecs.ENTRY_POINT_GROUP))
+    return sorted(found, key=lambda pair: (pair[0].name, pair[0].distribution or ""))
 
 
 def _info(ep: EntryPoint) -> PluginInfo:
@@ -159,127 +156,11 @@ def _info(ep: EntryPoint) -> PluginInfo:
     )
 
 
-def _matches(info: PluginInfo, names: set[str]) -> bool:
-    return _normalize(info.name) in names or (
-        info.distribution is not None and _normalize(info.distribution) in names
+def matches(info: PluginInfo, names: set[str]) -> bool:
+    """True when the plugin's entry-point or distribution name is among ``names`` (normalized)."""
+    return normalize_name(info.name) in names or (
+        info.distribution is not None and normalize_name(info.distribution) in names
     )
-
-
-def _new_manager() -> pluggy.PluginManager:
-    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-    manager.add_hookspecs(hookspecs)
-    return manager
-
-
-_SPEC_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("diffulex_"))
-# Hook wrappers make sense where pluggy hands on one answer (firstresult); see hookspecs.py.
-WRAPPABLE_HOOKS = tuple(n for n in _SPEC_NAMES
-                        if (getattr(getattr(hookspecs, n), f"{hookspecs.PROJECT_NAME}_spec", None) or {}).get("firstresult"))
-
-
-def _validate(obj: Any, info: PluginInfo) -> pluggy.PluginManager:
-    """Register ``obj`` on a scratch manager so a bad plugin never half-registers on the real one;
-    the scratch manager holds its hookimpls as pluggy found them."""
-    scratch = _scratch(obj, info.name)
-    try:
-        scratch.check_pending()
-    except pluggy.PluginValidationError as exc:
-        typo = re.search(r"unknown hook '(\w+)'", str(exc))
-        close = difflib.get_close_matches(typo.group(1), _SPEC_NAMES, n=1) if typo else []
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known hooks: {', '.join(_SPEC_NAMES)}"
-        raise pluggy.PluginValidationError(exc.plugin, f"{exc}{hint}") from None
-    for caller in scratch.get_hookcallers(obj) or ():
-        wrapper = next((i for i in caller.get_hookimpls() if i.wrapper or i.hookwrapper), None)
-        if wrapper is not None and caller.name in _SPEC_NAMES and caller.name not in WRAPPABLE_HOOKS:
-            why = ("is called once per plugin, alone" if caller.name == "diffulex_register_families"
-                   else "keeps each plugin's answer apart, attributed to that plugin")
-            raise pluggy.PluginValidationError(
-                obj, f"{wrapper.function.__name__}() is a hook wrapper of {caller.name}, which {why}: wrappers "
-                     f"are accepted only on the hooks with one answer ({', '.join(WRAPPABLE_HOOKS)}); "
-                     f"make it a plain @diffulex_core.hookimpl")
-    if inspect.ismodule(obj):
-        marked = {impl.function for caller in scratch.get_hookcallers(obj) or () for impl in caller.get_hookimpls()}
-        for attr, value in vars(obj).items():
-            if (
-                attr.startswith("diffulex_")
-                and inspect.isfunction(value)
-                and value.__module__ == obj.__name__
-                and value not in marked
-            ):
-                raise pluggy.PluginValidationError(
-                    obj, f"{attr}() in {obj.__name__} is not marked with @diffulex_core.hookimpl and would never be called"
-                )
-    return scratch
-
-
-class _Answers(threading.local):
-    given: list[tuple[str, str, Any]] | None = None  # (hook, plugin, answer) of the call in progress
-
-
-_ANSWERS = _Answers()
-
-
-def _answering(function: Any, hook: str, info: PluginInfo) -> Any:
-    """``function`` (one hookimpl) as pluggy will call it: an exception becomes a ``PluginHookError``
-    naming the plugin, its distribution and the hook, and an answer other than None is noted for
-    ``collect_results``/``first_result`` (pluggy's result does not say which plugin gave it).
-
-    A hook wrapper stays a generator, so pluggy drives it as it documents; it is noted as the
-    answerer only where it returns something other than the answer it was given.
-    """
-    if inspect.isgeneratorfunction(function):
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                answer = yield from function(*args, **kwargs)
-            except DiffulexError:  # ours, or an inner implementation's, already named
-                raise
-            except Exception as exc:
-                raise PluginHookError(info, hook, exc) from exc
-            given = _ANSWERS.given
-            if answer is not None and given is not None and not (given and given[-1][2] is answer):
-                given.append((hook, info.name, answer))
-            return answer
-
-        return wrapper
-
-    @functools.wraps(function)
-    def implementation(*args: Any, **kwargs: Any) -> Any:
-        try:
-            answer = function(*args, **kwargs)
-        except DiffulexError:
-            raise
-        except Exception as exc:
-            raise PluginHookError(info, hook, exc) from exc
-        if answer is not None:
-            given = _ANSWERS.given
-            if given is not None:
-                given.append((hook, info.name, answer))
-        return answer
-
-    return implementation
-
-
-class _PluginHooks:
-    """What the hook manager holds for one plugin: each of its hookimpls (as pluggy found them on a
-    scratch manager: bound, with their options) behind ``_answering``. ``plugin`` is the plugin."""
-
-    def __init__(self, plugin: Any, info: PluginInfo, scratch: pluggy.PluginManager) -> None:
-        self.plugin, self.info = plugin, info
-        for caller in scratch.get_hookcallers(plugin) or ():
-            for n, impl in enumerate(caller.get_hookimpls()):
-                answering = _answering(impl.function, caller.name, info)
-                setattr(answering, f"{hookspecs.PROJECT_NAME}_impl", {**impl.opts, "specname": caller.name})
-                setattr(self, f"{caller.name}_{n}", answering)
-
-    def __repr__(self) -> str:
-        return f"<hooks of {self.info.label}: {self.plugin!r}>"
-
-
-def _scratch(obj: Any, name: str) -> pluggy.PluginManager:
-    scratch = _new_manager()
-    scratch.register(obj, name=name)
-    return scratch
 
 
 class _Discovery:
@@ -289,26 +170,23 @@ class _Discovery:
         from diffulex_core import __version__
         from diffulex_core.plugins import builtin_fixups
 
-        self.manager = _new_manager()
+        self.manager = new_manager()
         core = PluginInfo(builtin_fixups.PLUGIN_NAME, builtin_fixups.__name__, "diffulex-core", __version__)
-        self._register(builtin_fixups, core, _scratch(builtin_fixups, core.name))  # not an entry point: always on
+        self._register(builtin_fixups, core, scratch_manager(builtin_fixups, core.name))  # not an entry point: always on
         self.registry = FamilyRegistry()
         self.loaded: list[PluginInfo] = []
         self.disabled: list[PluginInfo] = []
         self.failures: list[PluginFailure] = []
 
     def run(self, strict: bool, allow: set[str] | None, block: set[str], entry_points_too: bool = True) -> Plugins:
-        found = sorted(
-            ((_info(ep), ep) for ep in entry_points(group=hookspecs.ENTRY_POINT_GROUP) if entry_points_too),
-            key=lambda pair: (pair[0].name, pair[0].distribution or ""),
-        )
+        found = installed_plugins() if entry_points_too else []
         if allow is not None:
-            for missing in sorted(n for n in allow if not any(_matches(info, {n}) for info, _ in found)):
+            for missing in sorted(n for n in allow if not any(matches(info, {n}) for info, _ in found)):
                 info = PluginInfo(name=missing, value="", distribution=None, version=None)
                 installed = ", ".join(i.name for i, _ in found) or "(none)"
                 self._fail(info, "not_installed", f"{ENV_ALLOW} names {missing!r}, which is not installed; installed: {installed}")
         for info, ep in found:
-            if (allow is not None and not _matches(info, allow)) or _matches(info, block):
+            if (allow is not None and not matches(info, allow)) or matches(info, block):
                 self.disabled.append(info)
             else:
                 self._load(info, ep.load)
@@ -340,7 +218,7 @@ class _Discovery:
             self._fail(info, "import", f"cannot import {info.value!r}: {type(exc).__name__}: {exc}", exc)
             return
         try:
-            scratch = _validate(obj, info)
+            scratch = validate_plugin(obj, info)
         except pluggy.PluginValidationError as exc:
             self._fail(info, "validate", str(exc), exc)
             return
@@ -363,13 +241,13 @@ class _Discovery:
             if conflict is not None:
                 self._fail(info, "family_conflict", str(conflict), conflict)
 
-    def _register(self, obj: Any, info: PluginInfo, scratch: pluggy.PluginManager) -> _PluginHooks:
-        """Register ``obj``'s hookimpls (found on ``scratch``) under ``info.name``, each behind ``_answering``."""
-        hooks_of = _PluginHooks(obj, info, scratch)
+    def _register(self, obj: Any, info: PluginInfo, scratch: pluggy.PluginManager) -> PluginHooks:
+        """Register ``obj``'s hookimpls (found on ``scratch``) under ``info.name``, each behind ``answering``."""
+        hooks_of = PluginHooks(obj, info, scratch)
         self.manager.register(hooks_of, name=info.name)
         return hooks_of
 
-    def _call_register_families(self, hooks_of: _PluginHooks, info: PluginInfo) -> list[FamilyEntry]:
+    def _call_register_families(self, hooks_of: PluginHooks, info: PluginInfo) -> list[FamilyEntry]:
         """Call this plugin's registration hook alone (pluggy's call, on a subset holding only this
         plugin); keep its families until it returns."""
         pending: list[FamilyEntry] = []
@@ -402,16 +280,19 @@ def get_plugins() -> Plugins:
     with _lock:
         plugins = _plugins  # read under the lock: reset_plugins() may clear the global once it is released
         if plugins is None:
-            strict = _flag(ENV_STRICT)
-            allow, block = _name_list(ENV_ALLOW), _name_list(ENV_BLOCK) or set()
-            plugins = _Discovery().run(strict, allow, block)
-            if not strict:
+            plugins = discover(strict=env_flag(ENV_STRICT, False))
+            if not plugins.strict:
                 for failure in plugins.failures:
                     warnings.warn(f"{failure.describe()}; other plugins still loaded", PluginWarning, stacklevel=3)
             _plugins = plugins
     if plugins.strict and plugins.failures:  # the local snapshot, never the global again
         raise PluginLoadError(plugins.failures)
     return plugins
+
+
+def discover(*, strict: bool) -> Plugins:
+    """A fresh discovery of the installed plugins, honouring the allow and block lists (not cached)."""
+    return _Discovery().run(strict, _name_list(ENV_ALLOW), _name_list(ENV_BLOCK) or set())
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -446,62 +327,3 @@ def using_plugins(plugins: Plugins) -> Iterator[Plugins]:
             _plugins = previous
 
 
-def _call(hook: Any, kwargs: dict[str, Any], error: type[DiffulexError], context: str) -> tuple[Any, list]:
-    """``hook(**kwargs)``, pluggy's own call (ordering, wrappers, tracing), with the answers noted
-    by ``_answering``; a plugin's exception is re-raised as ``error``, naming plugin and hook."""
-    given: list = []
-    saved, _ANSWERS.given = _ANSWERS.given, given
-    try:
-        return hook(**kwargs), given
-    except PluginHookError as exc:
-        if isinstance(exc, error):
-            raise
-        raise error(f"{exc}{context}") from exc
-    except DiffulexError:
-        raise
-    except Exception as exc:  # pluggy's own complaint (a wrapper that did not yield, or yielded twice)
-        wrappers = sorted({i.plugin_name for i in hook.get_hookimpls() if i.wrapper or i.hookwrapper})
-        who = f"the hook wrappers of plugin(s) {', '.join(wrappers)}" if wrappers else "pluggy"
-        raise error(f"{hook.name}: {who} failed{context}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        _ANSWERS.given = saved
-
-
-def collect_results(hook: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError,
-                    context: str = "") -> list[tuple[str, Any]]:
-    """(plugin name, answer) of every implementation of ``hook`` that answered (not None), in
-    pluggy's call order. For the hooks that combine answers (discovery refuses wrappers on them)."""
-    _, given = _call(hook, kwargs, error, context)
-    return [(plugin, answer) for name, plugin, answer in given if name == hook.name]
-
-
-def first_result(hook: Any, kwargs: dict[str, Any], *, error: type[DiffulexError] = PluginError,
-                 context: str = "") -> tuple[str | None, Any]:
-    """(name of the plugin that answered, answer) of a ``firstresult`` hook, or (None, None).
-
-    The plugin is the one whose implementation returned the answer, or the wrapper that returned
-    another one. ``_answering`` cannot see an old-style ``hookwrapper`` force a result
-    (``outcome.force_result``), nor a plugin registered on the manager by hand: such an answer is
-    put down to those plugins, joined by ``+``.
-    """
-    answer, given = _call(hook, kwargs, error, context)
-    if answer is None:
-        return None, None
-    if given and given[-1][2] is answer:
-        return given[-1][1], answer
-    unseen = {i.plugin_name for i in hook.get_hookimpls() if i.hookwrapper or not isinstance(i.plugin, _PluginHooks)}
-    return "+".join(sorted(unseen)), answer
-
-
-def plugin_label(manager: pluggy.PluginManager, name: str) -> str:
-    """``plugin 'name' (distribution version)`` for a plugin registered under ``name``."""
-    hooks_of = manager.get_plugin(name)
-    return hooks_of.info.label if isinstance(hooks_of, _PluginHooks) else f"plugin {name!r}"
-
-
-def plugin_answers(manager: pluggy.PluginManager, hook_name: str, plugin: str, **kwargs: Any) -> list[Any]:
-    """The answers (not None) of one plugin's implementations of a hook: pluggy's call on a
-    subset of the manager holding only that plugin."""
-    mine = manager.get_plugin(plugin)
-    others = [p for p in manager.get_plugins() if p is not mine]
-    return manager.subset_hook_caller(hook_name, others)(**kwargs)

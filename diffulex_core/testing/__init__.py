@@ -32,7 +32,7 @@ def isolated_plugins(**plugins: Any) -> Iterator[Any]:
     core's built-in hooks: families, loads and tokenizers use them; no entry point is read. Yields
     the ``Plugins`` outcome (check ``.failures``: a plugin that fails to register is reported, not
     raised, as in discovery)."""
-    from diffulex_core.plugins.discovery import plugins_from, using_plugins
+    from diffulex_core.plugins import plugins_from, using_plugins
 
     with using_plugins(plugins_from(plugins)) as outcome:
         yield outcome

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from torch import Tensor, nn
 
-    from diffulex_core.plugins.discovery import PluginInfo, Plugins
+    from diffulex_core.plugins import PluginInfo, Plugins
 
 from diffulex_core.plugin_api import FamilyExample
 
@@ -110,30 +110,24 @@ def _listed(names: list[str]) -> str:
 def _find(name: str) -> tuple[list[tuple[PluginInfo, Any]], list[PluginInfo]]:
     """(entry points matching ``name``, every installed plugin). An exact entry-point name wins over
     a distribution name, so a distribution holding several plugins can still name each."""
-    from importlib.metadata import entry_points
+    from diffulex_core.plugins.discovery import installed_plugins, matches, normalize_name
 
-    from diffulex_core.hookspecs import ENTRY_POINT_GROUP
-    from diffulex_core.plugins.discovery import _info, _matches, _normalize
-
-    found = sorted(((_info(ep), ep) for ep in entry_points(group=ENTRY_POINT_GROUP)),
-                   key=lambda pair: (pair[0].name, pair[0].distribution or ""))
-    wanted = _normalize(name)
-    exact = [pair for pair in found if _normalize(pair[0].name) == wanted]
-    return exact or [pair for pair in found if _matches(pair[0], {wanted})], [info for info, _ in found]
+    found = installed_plugins()
+    wanted = normalize_name(name)
+    exact = [pair for pair in found if normalize_name(pair[0].name) == wanted]
+    return exact or [pair for pair in found if matches(pair[0], {wanted})], [info for info, _ in found]
 
 
 def _discover() -> Plugins:
     """The process-wide outcome; under ``DIFFULEX_STRICT_PLUGINS=1`` with failures (which would raise
     on every use), a lenient discovery of the same plugins that the check installs for its duration."""
     from diffulex_core.errors import PluginLoadError
-    from diffulex_core.plugins.discovery import get_plugins
+    from diffulex_core.plugins.discovery import discover, get_plugins
 
     try:
         return get_plugins()
     except PluginLoadError:
-        from diffulex_core.plugins.discovery import ENV_ALLOW, ENV_BLOCK, _Discovery, _name_list
-
-        return _Discovery().run(False, _name_list(ENV_ALLOW), _name_list(ENV_BLOCK) or set())
+        return discover(strict=False)
 
 
 def _conflict(plugins: Plugins, family: str) -> str:
@@ -144,14 +138,6 @@ def _conflict(plugins: Plugins, family: str) -> str:
     return f"family {family!r} is registered by several plugins"
 
 
-def _hook_names(obj: Any) -> list[str]:
-    from diffulex_core.plugins.discovery import _new_manager
-
-    scratch = _new_manager()
-    scratch.register(obj)
-    return sorted(c.name for c in scratch.get_hookcallers(obj) or ())
-
-
 # --------------------------------------------------------------------------- plugin-level checks
 
 
@@ -159,7 +145,7 @@ def _check_hooks(result: CheckResult, info: PluginInfo, ep: Any) -> bool:
     """import and hooks; True when both pass."""
     import pluggy
 
-    from diffulex_core.plugins.discovery import _validate
+    from diffulex_core.plugins.validation import hook_names, validate_plugin
 
     try:
         obj = ep.load()
@@ -169,21 +155,21 @@ def _check_hooks(result: CheckResult, info: PluginInfo, ep: Any) -> bool:
         return False
     result.add(None, "import", PASS, f"imported {info.value!r}")
     try:
-        _validate(obj, info)
+        validate_plugin(obj, info)
     except pluggy.PluginValidationError as exc:
         result.add(None, "hooks", FAIL, str(exc))
         return False
     except Exception as exc:  # an object pluggy cannot even inspect
         result.add(None, "hooks", FAIL, f"registering {info.value!r} with pluggy raised {_error(exc)}")
         return False
-    names = _hook_names(obj)
+    names = hook_names(obj)
     result.add(None, "hooks", PASS, f"hookimpls fit the specs: {', '.join(names) or 'none'}")
     return True
 
 
 def _check_discovery(result: CheckResult, info: PluginInfo, plugins: Plugins, hooks_ok: bool) -> bool:
     """What discovery said about this plugin; True when it is loaded (its families can be checked)."""
-    from diffulex_core.plugins.discovery import ENV_ALLOW, ENV_BLOCK
+    from diffulex_core.plugins import ENV_ALLOW, ENV_BLOCK
 
     same = lambda other: (other.name, other.distribution) == (info.name, info.distribution)  # noqa: E731
     if any(same(p) for p in plugins.disabled):
@@ -211,7 +197,7 @@ def _check_discovery(result: CheckResult, info: PluginInfo, plugins: Plugins, ho
 def _examples(result: CheckResult, info: PluginInfo, plugins: Plugins) -> dict[str, tuple[str, Any]]:
     """This plugin's own examples ``{family: (source, example)}``; its answers for families it does
     not own are problems. Other plugins' answers for its families are their problems, not used here."""
-    from diffulex_core.plugins.discovery import plugin_answers
+    from diffulex_core.plugins.hook_calls import plugin_answers
 
     owners = {e.name: e for e in plugins.registry.entries()}
     mine: dict[str, tuple[str, Any]] = {}
@@ -272,7 +258,8 @@ def family_example(name: str) -> tuple[str, FamilyExample] | None:
     ``diffulex_family_examples`` answer, else ``factory.example_config``) and where it came from;
     None when it has none. ``diffulex demo`` builds its tiny model from it."""
     from diffulex_core.errors import FamilyError
-    from diffulex_core.plugins.discovery import get_plugins, plugin_answers
+    from diffulex_core.plugins import get_plugins
+    from diffulex_core.plugins.hook_calls import plugin_answers
 
     plugins = get_plugins()
     entry = plugins.registry.entry(name)
@@ -355,8 +342,8 @@ def _check_family(result: CheckResult, name: str, plugins: Plugins, given: tuple
 def _round_trip(result: CheckResult, name: str, factory: Any, example: FamilyExample, twin: Any, seed: int) -> None:
     import torch
 
-    from diffulex_core.files.writer import write_checkpoint
     from diffulex_core.errors import LoadPlanError
+    from diffulex_core.files.writer import write_checkpoint
     from diffulex_core.loader import load_checkpoint, plan_checkpoint
 
     fail = lambda detail: result.add(name, "round trip", FAIL, detail)  # noqa: E731
@@ -549,7 +536,7 @@ def check_plugin(name: str, *, seed: int = 0) -> CheckResult:
     """Check the installed plugin ``name`` (entry-point or distribution name): its hooks, the
     families it registers and a checkpoint round trip per family. Never raises for what the plugin
     does wrong: every problem is a failed check in the result (``.ok``, ``.problems``)."""
-    from diffulex_core.plugins.discovery import using_plugins
+    from diffulex_core.plugins import using_plugins
 
     matches, installed = _find(name)
     if len(matches) != 1:

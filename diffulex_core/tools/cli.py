@@ -17,7 +17,7 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from diffulex_core.plugins.discovery import get_plugins
+    from diffulex_core.plugins import get_plugins
 
     plugins = get_plugins()
     if args.json:

@@ -340,7 +340,7 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
     from diffulex_core.loader import load_checkpoint, plan_checkpoint
     from diffulex_core.lora.adapters import prepare_lora
     from diffulex_core.generation.outputs import decode_token_ids_robust
-    from diffulex_core.plugins.discovery import get_plugins
+    from diffulex_core.plugins import get_plugins
     from diffulex_core.tokenizer import auto_tokenizer_from_pretrained
 
     plugins = get_plugins()
