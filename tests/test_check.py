@@ -14,7 +14,8 @@ import pytest
 
 from diffulex_core import hookspecs
 from diffulex_core.conformance import CheckResult, FamilyExample, check_plugin
-from diffulex_core.tools.check import NO_EXAMPLE, cmd_check
+from diffulex_core.tools.check_results import NO_EXAMPLE
+from diffulex_core.tools.cli import cmd_check
 
 quiet_discovery = pytest.mark.filterwarnings("ignore::diffulex_core.errors.PluginWarning")  # the checks report them
 

@@ -15,7 +15,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -26,6 +26,7 @@ from diffulex_core.environment import env_flag
 from diffulex_core.errors import PluginHookError, PluginLoadError, PluginWarning
 from diffulex_core.plugins.family_registry import FamilyEntry, FamilyRegistry, validate_registration
 from diffulex_core.plugins.hook_calls import PluginHooks
+from diffulex_core.plugins.outcome import PluginFailure, PluginInfo, Plugins
 from diffulex_core.plugins.validation import new_manager, scratch_manager, validate_plugin
 
 __all__ = [
@@ -49,84 +50,6 @@ __all__ = [
 ENV_ALLOW = "DIFFULEX_PLUGINS"
 ENV_BLOCK = "DIFFULEX_DISABLE_PLUGINS"
 ENV_STRICT = "DIFFULEX_STRICT_PLUGINS"
-
-@dataclass(frozen=True)
-class PluginInfo:
-    """One entry point of group ``diffulex``, and what it contributed once loaded."""
-
-    name: str
-    value: str
-    distribution: str | None
-    version: str | None
-    hooks: tuple[str, ...] = ()
-    families: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        dist = f"{self.distribution} {self.version}" if self.distribution else "no distribution"
-        return f"plugin {self.name!r} ({dist})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "value": self.value,
-            "distribution": self.distribution,
-            "version": self.version,
-            "hooks": list(self.hooks),
-            "families": list(self.families),
-        }
-
-
-@dataclass(frozen=True)
-class PluginFailure:
-    """Why a plugin (or a family it registered) is unusable."""
-
-    plugin: PluginInfo
-    stage: str  # "import", "validate", "register_families", "family_conflict", "not_installed"
-    message: str
-    exception: BaseException | None = field(default=None, compare=False, repr=False)
-
-    def describe(self) -> str:
-        return f"{self.plugin.label} failed at {self.stage}: {self.message}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "plugin": self.plugin.name,
-            "distribution": self.plugin.distribution,
-            "version": self.plugin.version,
-            "stage": self.stage,
-            "message": self.message,
-            "exception_type": type(self.exception).__name__ if self.exception else None,
-        }
-
-
-@dataclass(frozen=True)
-class Plugins:
-    """The outcome of one discovery: a hook manager, the registry, and every failure."""
-
-    manager: pluggy.PluginManager
-    registry: FamilyRegistry
-    loaded: tuple[PluginInfo, ...]
-    disabled: tuple[PluginInfo, ...]
-    failures: tuple[PluginFailure, ...]
-    strict: bool
-
-    @property
-    def hook(self) -> Any:
-        return self.manager.hook
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "strict": self.strict,
-            "plugins": [p.to_dict() for p in self.loaded],
-            "disabled": [p.to_dict() for p in self.disabled],
-            "failures": [f.to_dict() for f in self.failures],
-            "families": {
-                e.name: {"factory": e.factory_name, "owner": e.owner, "override": e.override}
-                for e in self.registry.entries()
-            },
-        }
-
 
 def _name_list(name: str) -> set[str] | None:
     raw = os.environ.get(name)

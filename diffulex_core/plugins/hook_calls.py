@@ -15,7 +15,7 @@ from diffulex_core import hookspecs
 from diffulex_core.errors import DiffulexError, PluginError, PluginHookError
 
 if TYPE_CHECKING:
-    from diffulex_core.plugins.discovery import PluginInfo
+    from diffulex_core.plugins.outcome import PluginInfo
 
 __all__ = ["PluginHooks", "collect_results", "first_result", "plugin_answers", "plugin_label"]
 

@@ -14,7 +14,7 @@ import pluggy
 from diffulex_core import hookspecs
 
 if TYPE_CHECKING:
-    from diffulex_core.plugins.discovery import PluginInfo
+    from diffulex_core.plugins.outcome import PluginInfo
 
 __all__ = ["SPEC_NAMES", "WRAPPABLE_HOOKS", "hook_names", "new_manager", "scratch_manager", "validate_plugin"]
 

@@ -16,95 +16,22 @@ Example configs come from the ``diffulex_family_examples`` hook (a config mappin
 optionally ``to_checkpoint``). A family without one is reported as skipped, with the reason:
 that is not a failure.
 
-Importing this module is cheap (no torch). Plugins import :class:`FamilyExample` from
-``diffulex_core.plugin_api``.
+The per-family checks are in ``family_checks``; the command's printing is in ``cli``.
+Importing this module is cheap (no torch).
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import tempfile
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from diffulex_core.tools.check_results import FAIL, PASS, SKIP, CheckResult, describe_error
+from diffulex_core.tools.family_checks import check_family
+
 if TYPE_CHECKING:
-    import argparse
-
-    from torch import Tensor, nn
-
     from diffulex_core.plugins import PluginInfo, Plugins
 
-from diffulex_core.plugin_api import FamilyExample
-
-__all__ = ["Check", "CheckResult", "check_plugin", "cmd_check", "family_example", "family_export"]
-
-PASS, FAIL, SKIP = "pass", "fail", "skip"
-NO_EXAMPLE = ("no example config: build, round trip not tested; "
-              "add diffulex_family_examples or factory.example_config")
-_MAX_LISTED = 8  # names listed in one detail before "... and N more"
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the result: a check of the plugin (``family=None``) or of one of its families."""
-
-    family: str | None
-    name: str
-    status: str  # "pass" | "fail" | "skip"
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, "check": self.name, "status": self.status, "detail": self.detail}
-
-
-@dataclass
-class CheckResult:
-    """What ``check_plugin`` found. ``ok``: no check failed (skips are not failures)."""
-
-    plugin: str
-    distribution: str | None
-    version: str | None
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        dist = f"{self.distribution} {self.version}" if self.distribution else "no distribution"
-        return f"plugin {self.plugin!r} ({dist})"
-
-    @property
-    def ok(self) -> bool:
-        return not any(c.status == FAIL for c in self.checks)
-
-    @property
-    def problems(self) -> list[str]:
-        """Each failure as one line naming the plugin, the family (if any), the check and what is wrong."""
-        return [f"{self.label}{f', family {c.family!r}' if c.family is not None else ''}: {c.name}: {c.detail}"
-                for c in self.checks if c.status == FAIL]
-
-    def add(self, family: str | None, name: str, status: str, detail: str) -> None:
-        lines = [line.strip() for line in str(detail).splitlines() if line.strip()]  # one line per check
-        self.checks.append(Check(family, name, status, "; ".join(lines)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "plugin": self.plugin, "distribution": self.distribution, "version": self.version, "ok": self.ok,
-            "checks": [c.to_dict() for c in self.checks], "problems": self.problems,
-        }
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_LISTED])
-    return shown + (f", ... and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+__all__ = ["check_plugin"]
 
 
 def _find(name: str) -> tuple[list[tuple[PluginInfo, Any]], list[PluginInfo]]:
@@ -150,7 +77,7 @@ def _check_hooks(result: CheckResult, info: PluginInfo, ep: Any) -> bool:
     try:
         obj = ep.load()
     except Exception as exc:
-        result.add(None, "import", FAIL, f"cannot import {info.value!r}: {_error(exc)}")
+        result.add(None, "import", FAIL, f"cannot import {info.value!r}: {describe_error(exc)}")
         result.add(None, "hooks", SKIP, "not checked: the plugin does not import")
         return False
     result.add(None, "import", PASS, f"imported {info.value!r}")
@@ -160,7 +87,7 @@ def _check_hooks(result: CheckResult, info: PluginInfo, ep: Any) -> bool:
         result.add(None, "hooks", FAIL, str(exc))
         return False
     except Exception as exc:  # an object pluggy cannot even inspect
-        result.add(None, "hooks", FAIL, f"registering {info.value!r} with pluggy raised {_error(exc)}")
+        result.add(None, "hooks", FAIL, f"registering {info.value!r} with pluggy raised {describe_error(exc)}")
         return False
     names = hook_names(obj)
     result.add(None, "hooks", PASS, f"hookimpls fit the specs: {', '.join(names) or 'none'}")
@@ -233,305 +160,6 @@ def _examples(result: CheckResult, info: PluginInfo, plugins: Plugins) -> dict[s
     return mine
 
 
-# --------------------------------------------------------------------------- family-level checks
-
-
-def _as_example(source: str, example: Any) -> FamilyExample:
-    if isinstance(example, FamilyExample):
-        return example
-    if isinstance(example, Mapping):
-        return FamilyExample(dict(example))
-    raise TypeError(f"{source} gave {type(example).__name__}, expected a config mapping or a FamilyExample")
-
-
-def _factory_example(factory: Any) -> tuple[str, Any] | None:
-    config = getattr(factory, "example_config", None)
-    if config is None:
-        return None
-    if not isinstance(config, Mapping):
-        raise TypeError(f"factory.example_config is {type(config).__name__}, expected a mapping")
-    return "factory.example_config", FamilyExample(config, to_checkpoint=getattr(factory, "to_checkpoint", None))
-
-
-def family_example(name: str) -> tuple[str, FamilyExample] | None:
-    """Family ``name``'s example as its plugin declares it for this check (its own
-    ``diffulex_family_examples`` answer, else ``factory.example_config``) and where it came from;
-    None when it has none. ``diffulex demo`` builds its tiny model from it."""
-    from diffulex_core.errors import FamilyError
-    from diffulex_core.plugins import get_plugins
-    from diffulex_core.plugins.hook_calls import plugin_answers
-
-    plugins = get_plugins()
-    entry = plugins.registry.entry(name)
-    owner = next((p.name for p in plugins.loaded if p.label == entry.owner), None)
-    try:
-        for answer in plugin_answers(plugins.manager, "diffulex_family_examples", owner) if owner else ():
-            if name in answer:
-                source = f"the diffulex_family_examples answer of {entry.owner}"
-                return source, _as_example("diffulex_family_examples", answer[name])
-        found = _factory_example(plugins.registry.get(name))
-    except TypeError as exc:  # an answer of the wrong type: a plugin bug, named
-        raise FamilyError(f"family {name!r} of {entry.owner}: its example is unusable: {exc}") from None
-    return None if found is None else (f"{entry.factory_name}.example_config", found[1])
-
-
-def family_export(name: str) -> Callable[[nn.Module], Mapping[str, Tensor]] | None:
-    """Family ``name``'s export to checkpoint names, as its plugin declares it for this check (its
-    own ``diffulex_family_examples`` answer, else ``factory.to_checkpoint``); None: the model's
-    ``state_dict`` names are its checkpoint names."""
-    from diffulex_core.registry import get_family
-
-    found = family_example(name)
-    return found[1].to_checkpoint if found is not None else getattr(get_family(name), "to_checkpoint", None)
-
-
-def _meta_build(factory: Any, config: Mapping[str, Any]) -> Any:
-    import torch
-
-    with torch.device("meta"):
-        return factory(dict(config))
-
-
-def _empty_build(factory: Any, config: Mapping[str, Any]) -> Any:
-    """The model as our tools build it for a load: parameters on meta, buffers computed."""
-    from diffulex_core.empty_weights import init_empty_weights
-
-    with init_empty_weights():
-        return factory(dict(config))
-
-
-def _check_family(result: CheckResult, name: str, plugins: Plugins, given: tuple[str, Any] | None, seed: int) -> None:
-    import torch
-
-    entry = plugins.registry.entry(name)
-    try:
-        factory = plugins.registry.get(name)
-    except Exception as exc:
-        result.add(name, "factory", FAIL, str(exc))
-        return
-    result.add(name, "factory", PASS, entry.factory_name)
-    try:
-        found = given or _factory_example(factory)
-        if found is None:
-            result.add(name, "example", SKIP, NO_EXAMPLE)
-            return
-        source_name, example = found[0], _as_example(*found)
-    except TypeError as exc:
-        result.add(name, "example", FAIL, str(exc))
-        return
-    result.add(name, "example", PASS, f"from {source_name}")
-    try:
-        twin = _meta_build(factory, example.config)
-    except Exception as exc:
-        result.add(name, "build (meta)", FAIL, f"factory(config) on the meta device raised {_error(exc)}")
-        return
-    if not isinstance(twin, torch.nn.Module):
-        result.add(name, "build (meta)", FAIL, f"factory(config) returned {type(twin).__name__}, not a torch.nn.Module")
-        return
-    off_meta = [n for n, t in (*twin.named_parameters(), *twin.named_buffers()) if not t.is_meta]
-    if off_meta:
-        result.add(name, "build (meta)", FAIL, f"factory(config) ignores the meta device: {_listed(off_meta)} "
-                                               f"not on meta (build on the current default device)")
-        return
-    count = sum(p.numel() for p in twin.parameters())
-    result.add(name, "build (meta)", PASS, f"{type(twin).__qualname__}, {count:,} parameters")
-    with torch.random.fork_rng(devices=[]):
-        _round_trip(result, name, factory, example, _empty_build(factory, example.config), seed)
-
-
-def _round_trip(result: CheckResult, name: str, factory: Any, example: FamilyExample, twin: Any, seed: int) -> None:
-    import torch
-
-    from diffulex_core.errors import LoadPlanError
-    from diffulex_core.files.writer import write_checkpoint
-    from diffulex_core.loader import load_checkpoint, plan_checkpoint
-
-    fail = lambda detail: result.add(name, "round trip", FAIL, detail)  # noqa: E731
-    torch.manual_seed(seed)
-    try:
-        source = factory(dict(example.config))
-        with torch.no_grad():
-            for p in source.parameters():
-                if p.is_floating_point():
-                    p.normal_()  # random everywhere: a tensor in the wrong place changes the weights
-    except Exception as exc:
-        return fail(f"factory(config) on the CPU raised {_error(exc)}")
-    source.eval()
-    with tempfile.TemporaryDirectory(prefix="diffulex-check-") as directory:
-        try:
-            tensors = example.to_checkpoint(source) if example.to_checkpoint is not None else source.state_dict()
-            shards = min(2, max(1, len(tensors)))
-            write_checkpoint(directory, tensors, shards=shards, config=example.config)
-        except Exception as exc:
-            how = "to_checkpoint(model)" if example.to_checkpoint is not None else "the state_dict"
-            return fail(f"writing the checkpoint from {how} raised {_error(exc)}")
-        try:
-            report = plan_checkpoint(twin, directory, family=name).report
-        except Exception as exc:
-            return fail(f"planning the checkpoint into the meta-built model raised {_error(exc)}")
-        if report.unexpected or report.missing or report.problems:
-            return fail(_plan_problems(report))
-        try:
-            load_checkpoint(twin, directory, family=name, device="cpu")
-        except LoadPlanError as exc:
-            return fail(_plan_problems(exc.report))
-        except Exception as exc:
-            return fail(f"loading the checkpoint raised {_error(exc)}")
-    twin.eval()
-    wrong = _weights_differ(source, twin, report)
-    if wrong:
-        return fail(f"loaded weights differ from the source's: {'; '.join(wrong[:_MAX_LISTED])}"
-                    + (f"; ... and {len(wrong) - _MAX_LISTED} more" if len(wrong) > _MAX_LISTED else ""))
-    result.add(name, "round trip", PASS, f"{len(report.placements)} checkpoint tensors in {shards} shard(s): "
-                                         f"planned clean, loaded on cpu, every weight equals the source's")
-    _check_outputs(result, name, example, source, twin)
-
-
-def _plan_problems(report: Any) -> str:
-    parts = [f"checkpoint tensor {n} is unexpected (nothing in the model takes it)" for n in report.unexpected]
-    parts += [f"{n} is missing (no checkpoint tensor writes it)" for n in report.missing]
-    parts += [p for p, kind in zip(report.problems, report.problem_kinds) if kind not in ("unexpected", "missing")]
-    more = f"; ... and {len(parts) - _MAX_LISTED} more" if len(parts) > _MAX_LISTED else ""
-    return "the load plan is not clean: " + "; ".join(parts[:_MAX_LISTED]) + more
-
-
-def _weights_differ(source: Any, twin: Any, report: Any) -> list[str]:
-    """Each state_dict entry of ``twin`` that is not bit-equal to the source's, with the checkpoint
-    tensors the plan put there."""
-    import torch
-
-    fed: dict[str, list[str]] = {}
-    for p in report.placements:
-        if p.target:
-            shard = f" (shard {p.shard_id!r})" if p.shard_id is not None else ""
-            fed.setdefault(p.target, []).append(f"{p.name}{shard}")
-    want, got = source.state_dict(), twin.state_dict()
-    wrong = []
-    for key, expected in want.items():
-        actual = got.get(key)
-        if actual is None:
-            wrong.append(f"{key} is absent from the loaded model")
-            continue
-        if actual.shape != expected.shape or actual.dtype != expected.dtype:
-            wrong.append(f"{key} is {_kind(actual)}, the source's {_kind(expected)}")
-        elif not torch.equal(actual, expected):
-            sources = fed.get(key)
-            origin = f"written from checkpoint tensor(s) {', '.join(sources)}" if sources else "no checkpoint tensor"
-            rows = ""
-            if actual.dim() >= 1:
-                bad = (actual != expected).reshape(actual.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
-                rows = f"; rows {_ranges(bad)} of {actual.shape[0]} differ"
-            wrong.append(f"{key} does not hold the source's values ({origin}{rows})")
-    return wrong
-
-
-def _kind(tensor: Any) -> str:
-    return f"{tensor.dtype}{list(tensor.shape)}"
-
-
-def _ranges(indices: list[int]) -> str:
-    spans, start = [], None
-    for i, index in enumerate(indices):
-        if start is None:
-            start = index
-        if i + 1 == len(indices) or indices[i + 1] != index + 1:
-            spans.append(f"{start}" if start == index else f"{start}-{index}")
-            start = None
-    return ", ".join(spans)
-
-
-def _default_inputs(model: Any) -> tuple:
-    import torch
-
-    embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
-    if embedding is None:
-        raise LookupError("the model has no nn.Embedding to take token ids from; "
-                          "give FamilyExample(inputs=...) to test its outputs")
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randint(0, embedding.num_embeddings, (2, 8), generator=generator),)
-
-
-def _copy(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (list, tuple)):
-        copies = [_copy(v) for v in value]
-        return type(value)(*copies) if hasattr(value, "_fields") else type(value)(copies)
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
-
-
-def _differences(expected: Any, actual: Any, where: str = "output") -> list[str]:
-    import torch
-
-    if isinstance(expected, torch.Tensor) or isinstance(actual, torch.Tensor):
-        if not (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor)):
-            return [f"{where} is {type(actual).__name__}, the source's {type(expected).__name__}"]
-        if expected.shape != actual.shape or expected.dtype != actual.dtype:
-            return [f"{where} is {_kind(actual)}, the source's {_kind(expected)}"]
-        same = expected.isnan() == actual.isnan() if expected.is_floating_point() else None
-        if torch.equal(expected, actual) or (same is not None and bool(same.all())
-                                             and torch.equal(expected.nan_to_num(), actual.nan_to_num())):
-            return []
-        diff = (expected.double() - actual.double()).abs()
-        count = int((expected != actual).sum())
-        return [f"{where} differs in {count} of {expected.numel()} elements (max abs difference "
-                f"{float(diff.nan_to_num(float('inf')).max()):.3g})"]
-    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
-        if set(expected) != set(actual):
-            return [f"{where} has keys {sorted(map(str, actual))}, the source's {sorted(map(str, expected))}"]
-        return [d for k in expected for d in _differences(expected[k], actual[k], f"{where}[{k!r}]")]
-    if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
-        if len(expected) != len(actual):
-            return [f"{where} has {len(actual)} items, the source's {len(expected)}"]
-        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _differences(e, a, f"{where}[{i}]")]
-    if hasattr(expected, "__dict__") and type(expected) is type(actual) and not callable(expected):
-        return _differences(vars(expected), vars(actual), where)
-    try:
-        return [] if expected == actual else [f"{where} is {actual!r}, the source's {expected!r}"]
-    except Exception as exc:  # an unverifiable output must not pass as equal
-        return [f"{where} ({type(actual).__name__}) cannot be compared with the source's: {_error(exc)}"]
-
-
-def _check_outputs(result: CheckResult, name: str, example: FamilyExample, source: Any, twin: Any) -> None:
-    import torch
-
-    try:
-        inputs = example.inputs(source) if example.inputs is not None else _default_inputs(source)
-        if not isinstance(inputs, tuple):
-            raise TypeError(f"inputs(model) returned {type(inputs).__name__}, expected a tuple of forward arguments")
-    except LookupError as exc:
-        result.add(name, "outputs", SKIP, f"not tested: {exc}")
-        return
-    except Exception as exc:
-        result.add(name, "outputs", FAIL, f"making the example inputs raised {_error(exc)}")
-        return
-    try:
-        with torch.no_grad():
-            expected = source(*_copy(inputs))
-            actual = twin(*_copy(inputs))
-    except Exception as exc:
-        result.add(name, "outputs", FAIL, f"the forward on the example inputs raised {_error(exc)}")
-        return
-    differences = _differences(expected, actual)
-    if differences:
-        buffers = dict(source.named_buffers())
-        stale = [n for n, b in twin.named_buffers()
-                 if n in buffers and (b.shape != buffers[n].shape or not torch.equal(b, buffers[n].to(b.device)))]
-        hint = f"; buffers that differ from the source's: {_listed(stale)}" if stale else ""
-        result.add(name, "outputs", FAIL, "the loaded model's outputs differ from the source's though its weights "
-                                          f"are equal: {'; '.join(differences[:_MAX_LISTED])}{hint}")
-        return
-    shapes = ", ".join(str(list(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
-    result.add(name, "outputs", PASS, f"forward on inputs {shapes or '(no tensors)'}: outputs equal (torch.equal)")
-
-
-# --------------------------------------------------------------------------- the doors
-
-
 def check_plugin(name: str, *, seed: int = 0) -> CheckResult:
     """Check the installed plugin ``name`` (entry-point or distribution name): its hooks, the
     families it registers and a checkpoint round trip per family. Never raises for what the plugin
@@ -566,39 +194,7 @@ def check_plugin(name: str, *, seed: int = 0) -> CheckResult:
             result.add(None, "families", SKIP, "the plugin registers no model family: nothing to build")
         for family in families:
             try:
-                _check_family(result, family, plugins, examples.get(family), seed)
+                check_family(result, family, plugins, examples.get(family), seed)
             except Exception as exc:  # a bug of ours, or plugin code failing where we did not expect it
-                result.add(family, "family", FAIL, f"checking the family raised {_error(exc)}")
+                result.add(family, "family", FAIL, f"checking the family raised {describe_error(exc)}")
     return result
-
-
-def _print_table(result: CheckResult) -> None:
-    rows = [(c.family or "-", c.name, c.status.upper(), c.detail) for c in result.checks]
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(("family", "check", "status"))]
-    dist = f"{result.distribution} {result.version}" if result.distribution else "not installed"
-    print(f"diffulex check {result.plugin} ({dist})")
-    for row in [("family", "check", "status", "detail"), *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
-    counts = {s: sum(c.status == s for c in result.checks) for s in (PASS, FAIL, SKIP)}
-    summary = f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped"
-    if result.ok:
-        print(f"OK: {summary}")
-    else:
-        print(f"FAILED: {summary}")
-        for problem in result.problems:
-            print(f"  - {problem}")
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    """``diffulex check PLUGIN [--json]``: print the checks (a table, or JSON); 1 if any failed."""
-    from diffulex_core.errors import PluginWarning
-
-    with warnings.catch_warnings():  # discovery's warnings repeat what the checks report
-        warnings.simplefilter("ignore", PluginWarning)
-        result = check_plugin(args.plugin)
-    if getattr(args, "json", False):
-        json.dump(result.to_dict(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        _print_table(result)
-    return 0 if result.ok else 1

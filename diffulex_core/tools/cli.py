@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from typing import Any, Sequence
 
 from diffulex_core.errors import DiffulexError
@@ -44,8 +45,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole path on a tiny random model (or ``--checkpoint``): see ``diffulex_core.tools.demo``."""
-    from diffulex_core.tools.demo import main
     from diffulex_core.loader import check_device
+    from diffulex_core.tools.demo import main
 
     check_device(args.device)  # before anything is built
     return main(args)
@@ -100,8 +101,8 @@ def _print_report(report, *, show_tensors: bool) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device and plan the load from headers alone."""
-    from diffulex_core.loading.family_models import build_for_checkpoint
     from diffulex_core.loader import plan_checkpoint
+    from diffulex_core.loading.family_models import build_for_checkpoint
 
     model, dtype_note = build_for_checkpoint(args.family, args.checkpoint, "meta", None)
     report = plan_checkpoint(model, args.checkpoint, family=args.family).report
@@ -120,8 +121,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     """Build the family's model on the meta device, then load (materializing it on --device)."""
     from diffulex_core.errors import LoadPlanError
-    from diffulex_core.loading.family_models import build_for_checkpoint
     from diffulex_core.loader import check_device, load_checkpoint
+    from diffulex_core.loading.family_models import build_for_checkpoint
     from diffulex_core.lora.adapters import prepare_lora
 
     if args.merge and not args.lora:
@@ -153,10 +154,39 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Check an installed plugin: hooks, and per family a meta build and a checkpoint round trip."""
-    from diffulex_core.tools.check import cmd_check as check
+    """``diffulex check PLUGIN [--json]``: hooks, and per family a meta build and a checkpoint round
+    trip, printed as a table or JSON; 1 if any check failed."""
+    from diffulex_core.errors import PluginWarning
+    from diffulex_core.tools.check import check_plugin
 
-    return check(args)
+    with warnings.catch_warnings():  # discovery's warnings repeat what the checks report
+        warnings.simplefilter("ignore", PluginWarning)
+        result = check_plugin(args.plugin)
+    if getattr(args, "json", False):
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_check_table(result)
+    return 0 if result.ok else 1
+
+
+def _print_check_table(result: Any) -> None:
+    from diffulex_core.tools.check_results import FAIL, PASS, SKIP
+
+    rows = [(c.family or "-", c.name, c.status.upper(), c.detail) for c in result.checks]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(("family", "check", "status"))]
+    dist = f"{result.distribution} {result.version}" if result.distribution else "not installed"
+    print(f"diffulex check {result.plugin} ({dist})")
+    for row in [("family", "check", "status", "detail"), *rows]:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
+    counts = {s: sum(c.status == s for c in result.checks) for s in (PASS, FAIL, SKIP)}
+    summary = f"{counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped"
+    if result.ok:
+        print(f"OK: {summary}")
+    else:
+        print(f"FAILED: {summary}")
+        for problem in result.problems:
+            print(f"  - {problem}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -168,7 +168,7 @@ def write_demo_lora(directory: str | Path, checkpoint: str | Path, *, seed: int 
     import torch
 
     from diffulex_core.files.headers import find_checkpoint_files, read_records
-    from diffulex_core.testing import write_lora_adapter
+    from diffulex_core.lora.writer import write_lora_adapter
 
     shapes = {}
     for file in find_checkpoint_files(checkpoint).files:
@@ -296,8 +296,8 @@ def _family_and_example(family: str | None, plugins: Any) -> tuple[str, tuple[st
     example its plugin gives ``diffulex check``: a family's defaults may be full size (a GPT-2
     family's are 86M parameters), and only the plugin knows a small config that works. Without
     ``--family``: the first family, alphabetically, that has one."""
-    from diffulex_core.tools.check import family_example
     from diffulex_core.errors import FamilyError
+    from diffulex_core.plugins.examples import family_example
 
     if family is not None:
         found = family_example(family)
@@ -336,10 +336,10 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
          dtype: str | None, device: str) -> dict[str, Any]:
     import torch
 
-    from diffulex_core.loading.family_models import build_for_checkpoint, checkpoint_config
-    from diffulex_core.loader import load_checkpoint, plan_checkpoint
-    from diffulex_core.lora.adapters import prepare_lora
     from diffulex_core.generation.outputs import decode_token_ids_robust
+    from diffulex_core.loader import load_checkpoint, plan_checkpoint
+    from diffulex_core.loading.family_models import build_for_checkpoint, checkpoint_config
+    from diffulex_core.lora.adapters import prepare_lora
     from diffulex_core.plugins import get_plugins
     from diffulex_core.tokenizer import auto_tokenizer_from_pretrained
 
@@ -373,7 +373,7 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
         config.update(vocab_size=rows, mask_token_id=min(rows, len(vocab)) - 1)
         to_checkpoint = example.to_checkpoint
         path = scratch / "checkpoint"
-        from diffulex_core.testing import write_checkpoint
+        from diffulex_core.files.writer import write_checkpoint
 
         write_checkpoint(path, source, shards=2, config=config, to_checkpoint=to_checkpoint)
         tokenizer_dir, tokenizer_source = write_demo_tokenizer(scratch / "tokenizer", rows), "written by the demo"
