@@ -157,7 +157,7 @@ def test_a_checkpoint_saved_by_transformers_in_bfloat16(qwen2_checkpoint):
 
 
 def test_a_checkpoint_without_tokenizer_files_with_an_adapter(qwen2_checkpoint, tmp_path):
-    from diffulex_core.tools.demo import write_demo_lora
+    from diffulex_core.tools.demo_files import write_demo_lora
 
     checkpoint = tmp_path / "bare"
     checkpoint.mkdir()
