@@ -29,7 +29,8 @@ from diffulex_core.parallel import ParallelState, agree, current_parallel_state
 from diffulex_core.loading.partial_load import clear_partial, mark_partial
 from diffulex_core.loading.planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
                        plan_checkpoint, plan_for_load, resolver_of)
-from diffulex_core.lora.adapters import enable_lora_for_model, load_lora_config, load_lora_weights, prepare_lora, warn_base_only
+from diffulex_core.lora.adapters import enable_lora_for_model, load_lora_weights, prepare_lora, warn_base_only
+from diffulex_core.lora.config import load_lora_config
 from diffulex_core.loading.report import LoadReport
 from diffulex_core.loading.ties import materialize
 

@@ -18,7 +18,6 @@ bundled ``diffulex_layers`` do, which is how packed layers take per-shard adapte
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -31,16 +30,24 @@ import torch
 from torch import nn
 
 from diffulex_core.checkpoint import WeightDestination
-from diffulex_core.files.headers import find_checkpoint_files, read_records
 from diffulex_core.errors import LoadApplyError, LoraAdapterError, LoraError, LoraWarning
 from diffulex_core.files.handles import OpenFiles
-from diffulex_core.lora.config import LoraConfig, load_lora_config
-from diffulex_core.loading.packed_mapping import MappedName, PackedMapping
+from diffulex_core.files.headers import find_checkpoint_files, read_records
+from diffulex_core.loading.packed_mapping import PackedMapping
 from diffulex_core.loading.planning import model_packed_mapping
 from diffulex_core.loading.ties import tie_keys
+from diffulex_core.lora.config import LoraConfig, load_lora_config
+from diffulex_core.lora.targets import (
+    AdapterNames,
+    LoraSlot,
+    enabled_slots,
+    slot_for,
+    supports_lora,
+    takes_shards,
+    targeted_slots,
+)
 
-__all__ = ["LoraConfig", "LoraReport", "LoraSlot", "enable_lora_for_model", "load_lora_config", "load_lora_weights",
-           "prepare_lora"]
+__all__ = ["LoraReport", "PreparedLora", "enable_lora_for_model", "load_lora_weights", "prepare_lora", "warn_base_only"]
 
 log = logging.getLogger("diffulex_core.lora")
 
@@ -54,27 +61,6 @@ _SUFFIXES = {
     "base_layer.weight": ("base", None),  # PEFT saves targeted embedding layers' base weights with the adapter
 }  # fmt: skip
 _BY_LENGTH = sorted(_SUFFIXES, key=len, reverse=True)
-
-
-@dataclass(frozen=True)
-class LoraSlot:
-    """One adapter on one module: the whole module (``shard_id`` None) or one shard of a packed one."""
-
-    module: str  # the model's module name
-    shard_id: Any
-    adapter_name: str  # the adapter's (checkpoint) module name: patterns and messages use it
-    r: int
-    lora_alpha: float
-    scaling: float
-    embedding: bool
-
-    @property
-    def key(self) -> tuple[str, Any]:
-        return self.module, self.shard_id
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"adapter": self.adapter_name, "shard_id": self.shard_id, "r": self.r, "lora_alpha": self.lora_alpha,
-                "scaling": self.scaling, "kind": "embedding" if self.embedding else "linear"}
 
 
 @dataclass
@@ -102,104 +88,6 @@ class LoraReport:
                 "base_weights": self.base_weights, "merged": self.merged, "tensors": self.tensors, "bytes": self.bytes}
 
 
-# --------------------------------------------------------------------------- modules and names
-
-
-def _supports_lora(module: nn.Module) -> bool:
-    return callable(getattr(module, "__init_lora__", None))
-
-
-def _takes_shards(module: nn.Module) -> bool:
-    """Our extension: ``__init_lora__(..., shard_id=, scaling=)`` and ``lora_destination``."""
-    if not callable(getattr(module, "lora_destination", None)):
-        return False
-    params = inspect.signature(module.__init_lora__).parameters
-    return "shard_id" in params and "scaling" in params
-
-
-def _output_layer(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except NotImplementedError:
-        return None
-
-
-class _Names:
-    """The model's LoRA-capable modules and the adapter (checkpoint) names that reach them."""
-
-    def __init__(self, model: nn.Module, mapping: PackedMapping) -> None:
-        self.model, self.mapping = model, mapping
-        self.all_modules = dict(model.named_modules())
-        self.modules = {name: m for name, m in self.all_modules.items() if _supports_lora(m)}
-
-    def locate(self, adapter_name: str) -> tuple[str, Any] | None:
-        """(module name, shard id) of an adapter module name, as its ``.weight`` would be placed:
-        packed mapping first (rooted rewrites too), then the name itself; then the seed's
-        ``model.`` prefix dialect."""
-        for name in (adapter_name, adapter_name[6:] if adapter_name.startswith("model.") else None):
-            if name is None:
-                continue
-            weight = f"{name}.weight"
-            mapped = self.mapping.map(weight) if self.mapping else None
-            candidates = [mapped, *self.mapping.rooted(weight)] if mapped else []
-            for candidate in [*candidates, MappedName(weight, None, ())]:
-                if candidate.name.endswith(".weight") and candidate.name[:-7] in self.all_modules:
-                    return candidate.name[:-7], candidate.shard_id
-        return None
-
-    def adapter_names(self, module: str) -> dict[Any, list[str]]:
-        """Shard id -> the checkpoint names that reach it, the most rewritten (most checkpoint-like) first."""
-        out: dict[Any, list[tuple[int, str]]] = {}
-        for source in self.mapping.sources(f"{module}.weight") if self.mapping else [f"{module}.weight"]:
-            name, located = source[:-7], self.locate(source[:-7])
-            if located is None or located[0] != module:
-                continue
-            mapped = self.mapping.map(source) if self.mapping else None
-            out.setdefault(located[1], []).append((-len(mapped.keys if mapped else ()), name))
-        return {shard: [n for _, n in sorted(names)] for shard, names in out.items()}
-
-
-def _slot(names: _Names, config: LoraConfig, module: str, shard_id: Any, adapter_name: str) -> LoraSlot:
-    return LoraSlot(module, shard_id, adapter_name, config.rank_for(adapter_name), config.alpha_for(adapter_name),
-                    config.scaling_for(adapter_name), isinstance(names.all_modules[module], nn.Embedding))
-
-
-def _targeted_slots(names: _Names, config: LoraConfig) -> dict[tuple[str, Any], LoraSlot]:
-    """The slots ``target_modules`` selects, PEFT's way, on the adapter names of each module.
-
-    A packed module is adapted per shard when its shards' names are selected (PEFT trained
-    q_proj, k_proj and v_proj); whole only by its own name. Without ``target_modules`` every
-    LoRA-capable module, whole (the seed). ``all-linear``: every linear module but the model's
-    output layer, as PEFT's ``all-linear``.
-    """
-    output = _output_layer(names.model)
-    slots = {}
-    for module_name, module in names.modules.items():
-        per_shard = names.adapter_names(module_name)
-        aliases = tuple(getattr(module, "lora_target_aliases", ()))
-        if config.target_modules is None:
-            whole = per_shard.get(None, [module_name])[0]
-            if not config.excluded(whole):
-                slots[(module_name, None)] = _slot(names, config, module_name, None, whole)
-            continue
-        if config.all_linear:
-            if isinstance(module, nn.Embedding) or module is output:
-                continue
-            chosen = {s: n for s, n in per_shard.items() if s is not None} or {None: per_shard.get(None, [module_name])}
-        else:
-            chosen = per_shard
-        found = {}
-        for shard, candidates in chosen.items():  # the checkpoint's own name: the most rewritten one
-            if config.targets(candidates[0], aliases):
-                found[shard] = candidates[0]
-        if len(found) > 1:
-            found.pop(None, None)  # shards named: the whole-module name is the same rows again
-        for shard, hit in found.items():
-            slots[(module_name, shard)] = _slot(names, config, module_name, shard, hit)
-    return slots
-
-
 # --------------------------------------------------------------------------- adding adapters, undoably
 
 
@@ -223,20 +111,16 @@ class _Undo:
                 live.update(old)
 
 
-def _registry(model: nn.Module) -> dict[tuple[str, Any], LoraSlot]:
-    return getattr(model, "diffulex_lora", None) or {}
-
-
-def _add(model: nn.Module, names: _Names, slot: LoraSlot, dropout: float, undo: _Undo) -> None:
+def _add(model: nn.Module, names: AdapterNames, slot: LoraSlot, dropout: float, undo: _Undo) -> None:
     module = names.all_modules[slot.module]
-    if not _supports_lora(module):
+    if not supports_lora(module):
         raise LoraAdapterError(f"module {slot.module} ({type(module).__qualname__}, adapter name {slot.adapter_name}) "
                                f"does not support LoRA: it has no __init_lora__")
     undo.keep(module)
     undo.keep(model)
     before = {name for name, _ in module.named_parameters()}
     try:
-        if _takes_shards(module):
+        if takes_shards(module):
             module.__init_lora__(slot.r, slot.lora_alpha, dropout, shard_id=slot.shard_id, scaling=slot.scaling)
         elif slot.shard_id is not None:
             raise LoraAdapterError(
@@ -257,7 +141,7 @@ def _add(model: nn.Module, names: _Names, slot: LoraSlot, dropout: float, undo: 
                                f"{slot.r} for {slot.adapter_name}: {type(exc).__name__}: {exc}") from exc
     prefix = f"{slot.module}." if slot.module else ""
     added = {prefix + n for n, _ in module.named_parameters() if n not in before}
-    registry = dict(_registry(model))
+    registry = dict(enabled_slots(model))
     registry[slot.key] = slot
     object.__setattr__(model, "diffulex_lora", registry)
     object.__setattr__(model, "diffulex_lora_parameters", set(getattr(model, "diffulex_lora_parameters", ())) | added)
@@ -275,8 +159,8 @@ def enable_lora_for_model(model: nn.Module, lora_config: Mapping[str, Any] | Lor
     follows does not count them as missing.
     """
     config = LoraConfig.from_dict(lora_config)
-    names = _Names(model, _mapping(model, packed_modules_mapping))
-    slots = _targeted_slots(names, config)
+    names = AdapterNames(model, _mapping(model, packed_modules_mapping))
+    slots = targeted_slots(names, config)
     if not slots:
         raise LoraAdapterError(f"{config.source}: target_modules={config.targets_text} select no module of "
                                f"{type(model).__qualname__} that supports LoRA")
@@ -360,7 +244,7 @@ def _narrowed(shape: tuple[int, ...], source: tuple[tuple[int, int, int], ...]) 
 
 def _destination(module: nn.Module, slot: LoraSlot, part: str, shape: tuple[int, ...]) -> WeightDestination:
     """Where this rank's part of a full adapter tensor lands; ``ValueError`` when it does not fit."""
-    if _takes_shards(module):
+    if takes_shards(module):
         return module.lora_destination(slot.shard_id, part, shape)
     param = module.lora_A if part == "A" else module.lora_B
     split = 1 if part == "A" else 0  # the seed: row-parallel (tp_dim 1) splits A's columns, column-parallel B's rows
@@ -395,7 +279,7 @@ class PreparedLora:
     parameter objects): ``apply()`` finds every destination again, on the live parameters.
     """
 
-    def __init__(self, model: nn.Module, lora_path: Path, names: _Names, tensors: _AdapterTensors,
+    def __init__(self, model: nn.Module, lora_path: Path, names: AdapterNames, tensors: _AdapterTensors,
                  slots: list[_SlotTensors], merge: bool, undo: _Undo) -> None:
         self.model, self.lora_path, self.names, self.tensors, self.slots = model, lora_path, names, tensors, slots
         self.merge, self.undo = merge, undo
@@ -427,56 +311,44 @@ class PreparedLora:
         return self.report
 
 
-def prepare_lora(model: nn.Module, lora_path: str | Path, *, packed_modules_mapping: Mapping | None = None,
-                 merge: bool = False, config: LoraConfig | Mapping | None = None) -> PreparedLora:
-    """Read, match and check an adapter against ``model`` and add the adapters it needs.
+def _place(tensor_name: str, model: nn.Module, names: AdapterNames, config: LoraConfig, adapter: _AdapterTensors,
+           targeted: dict | None, by_slot: dict[tuple[str, Any], _SlotTensors]) -> str | None:
+    """File one adapter tensor under its slot in ``by_slot``; the problem with it, if any."""
+    where = f"adapter tensor {tensor_name} ({adapter.file_of[tensor_name]})"
+    parsed = _parse(tensor_name)
+    if parsed is None:
+        return (f"{where} is not a LoRA tensor (expected <module>.lora_A.weight, .lora_B.weight, "
+                f".lora_embedding_A/B or .base_layer.weight)")
+    adapter_name, part, embedding = parsed
+    located = names.locate(adapter_name)
+    if located is None:
+        return f"{where}: module {adapter_name} matches no module of {type(model).__qualname__}"
+    module_name, shard_id = located
+    module = names.all_modules[module_name]
+    if module_name not in names.modules:
+        return f"{where}: module {module_name} ({type(module).__qualname__}) does not support LoRA"
+    if embedding is not None and embedding != isinstance(module, nn.Embedding):
+        kind = "an embedding" if isinstance(module, nn.Embedding) else "not an embedding"
+        return (f"{where}: module {module_name} is {kind}; PEFT writes "
+                f"{'lora_embedding_A/B' if isinstance(module, nn.Embedding) else 'lora_A/B'} for it")
+    key = (module_name, shard_id)
+    if targeted is not None and key not in targeted:
+        return (f"{where}: module {adapter_name} (-> {module_name}"
+                f"{'' if shard_id is None else f' shard {shard_id!r}'}) is not selected by "
+                f"target_modules={config.targets_text} in {config.source}")
+    slot = slot_for(names, config, module_name, shard_id, adapter_name)  # patterns apply to the name PEFT saw
+    entry = by_slot.setdefault(key, _SlotTensors(slot))
+    if getattr(entry, part) is not None:
+        return f"{where}: {module_name} already has lora_{part} from {getattr(entry, part)}"
+    setattr(entry, part, tensor_name)
+    return None
 
-    Every problem is collected and raised together as ``LoraAdapterError`` before any weight
-    changes; adapters this call added are removed again. Adapters already added (by
-    ``enable_lora_for_model``) must have the rank the adapter has, and must all get tensors.
-    """
-    lora_path = Path(lora_path)
-    config = LoraConfig.from_dict(config) if config is not None else load_lora_config(lora_path)
-    adapter = _read_adapter(lora_path)
-    names = _Names(model, _mapping(model, packed_modules_mapping))
+
+def _slot_problems(by_slot: dict[tuple[str, Any], _SlotTensors], adapter: _AdapterTensors, config: LoraConfig,
+                   enabled: dict, targeted: dict | None) -> list[str]:
+    """What is wrong with the slots the tensors filled: a missing half, a wrong rank, a selected or
+    enabled module without tensors."""
     problems: list[str] = []
-    by_slot: dict[tuple[str, Any], _SlotTensors] = {}
-    enabled = _registry(model)
-    targeted = _targeted_slots(names, config) if config.target_modules is not None else None
-    for tensor_name in adapter.tensors:
-        where = f"adapter tensor {tensor_name} ({adapter.file_of[tensor_name]})"
-        parsed = _parse(tensor_name)
-        if parsed is None:
-            problems.append(f"{where} is not a LoRA tensor (expected <module>.lora_A.weight, .lora_B.weight, "
-                            f".lora_embedding_A/B or .base_layer.weight)")
-            continue
-        adapter_name, part, embedding = parsed
-        located = names.locate(adapter_name)
-        if located is None:
-            problems.append(f"{where}: module {adapter_name} matches no module of {type(model).__qualname__}")
-            continue
-        module_name, shard_id = located
-        module = names.all_modules[module_name]
-        if module_name not in names.modules:
-            problems.append(f"{where}: module {module_name} ({type(module).__qualname__}) does not support LoRA")
-            continue
-        if embedding is not None and embedding != isinstance(module, nn.Embedding):
-            kind = "an embedding" if isinstance(module, nn.Embedding) else "not an embedding"
-            problems.append(f"{where}: module {module_name} is {kind}; PEFT writes "
-                            f"{'lora_embedding_A/B' if isinstance(module, nn.Embedding) else 'lora_A/B'} for it")
-            continue
-        key = (module_name, shard_id)
-        if targeted is not None and key not in targeted:
-            problems.append(f"{where}: module {adapter_name} (-> {module_name}"
-                            f"{'' if shard_id is None else f' shard {shard_id!r}'}) is not selected by "
-                            f"target_modules={config.targets_text} in {config.source}")
-            continue
-        slot = _slot(names, config, module_name, shard_id, adapter_name)  # patterns apply to the name PEFT saw
-        entry = by_slot.setdefault(key, _SlotTensors(slot))
-        if getattr(entry, part) is not None:
-            problems.append(f"{where}: {module_name} already has lora_{part} from {getattr(entry, part)}")
-            continue
-        setattr(entry, part, tensor_name)
     for key, entry in by_slot.items():
         slot, label = entry.slot, f"module {entry.slot.adapter_name} (-> {entry.slot.module})"
         if (entry.A is None) != (entry.B is None):
@@ -504,6 +376,27 @@ def prepare_lora(model: nn.Module, lora_path: str | Path, *, packed_modules_mapp
     for key, slot in enabled.items():
         if key not in by_slot and key not in (targeted or {}):
             problems.append(f"{slot.module} has a LoRA adapter (enable_lora_for_model) but this adapter has no tensors for it")
+    return problems
+
+
+def prepare_lora(model: nn.Module, lora_path: str | Path, *, packed_modules_mapping: Mapping | None = None,
+                 merge: bool = False, config: LoraConfig | Mapping | None = None) -> PreparedLora:
+    """Read, match and check an adapter against ``model`` and add the adapters it needs.
+
+    Every problem is collected and raised together as ``LoraAdapterError`` before any weight
+    changes; adapters this call added are removed again. Adapters already added (by
+    ``enable_lora_for_model``) must have the rank the adapter has, and must all get tensors.
+    """
+    lora_path = Path(lora_path)
+    config = LoraConfig.from_dict(config) if config is not None else load_lora_config(lora_path)
+    adapter = _read_adapter(lora_path)
+    names = AdapterNames(model, _mapping(model, packed_modules_mapping))
+    enabled = enabled_slots(model)
+    targeted = targeted_slots(names, config) if config.target_modules is not None else None
+    by_slot: dict[tuple[str, Any], _SlotTensors] = {}
+    problems = [problem for tensor_name in adapter.tensors
+                if (problem := _place(tensor_name, model, names, config, adapter, targeted, by_slot)) is not None]
+    problems += _slot_problems(by_slot, adapter, config, enabled, targeted)
     if not by_slot and not problems:
         problems.append(f"{lora_path} holds no LoRA tensors")
     if problems:
@@ -521,7 +414,7 @@ def prepare_lora(model: nn.Module, lora_path: str | Path, *, packed_modules_mapp
     return PreparedLora(model, lora_path, names, adapter, list(by_slot.values()), merge, undo)
 
 
-def _check_destinations(model: nn.Module, names: _Names, adapter: _AdapterTensors, entries: list[_SlotTensors],
+def _check_destinations(model: nn.Module, names: AdapterNames, adapter: _AdapterTensors, entries: list[_SlotTensors],
                         merge: bool) -> list[tuple[str, WeightDestination]]:
     """Every tensor's destination, shapes checked without writing; pre-merging into tied weights refused."""
     problems, writes = [], []

@@ -89,6 +89,27 @@ def _pattern(value: Any, field_name: str, source: str, integer: bool) -> dict[st
     return out
 
 
+def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
+    """A ``LoraConfigError`` for any field whose value would make us compute something else than PEFT."""
+    peft_type = data.get("peft_type", "LORA")
+    if peft_type not in ("LORA", None):
+        raise LoraConfigError(f"{source}: peft_type is {peft_type!r}; diffulex-core loads LoRA adapters only")
+    for name, supported in _UNSUPPORTED_UNLESS.items():
+        if name in data and data[name] != supported and not _empty(data[name]):
+            raise LoraConfigError(f"{source}: {name}={data[name]!r} is not supported (only {supported!r}); "
+                                  f"diffulex-core would compute something else than the adapter was trained for")
+    if data.get("bias", "none") != "none":
+        raise LoraConfigError(f"{source}: bias={data['bias']!r} is not supported (only 'none'): the adapter "
+                              f"would carry trained biases diffulex-core does not apply")
+    if not _empty(data.get("modules_to_save")):
+        raise LoraConfigError(f"{source}: modules_to_save={data['modules_to_save']!r} is not supported: those "
+                              f"modules are replaced whole by the adapter; merge them into the base checkpoint")
+    unknown = sorted(k for k, v in data.items() if k not in _READ | _IGNORED | set(_UNSUPPORTED_UNLESS) and not _empty(v))
+    if unknown:
+        raise LoraConfigError(f"{source}: unknown field(s) {unknown} set; this version cannot tell whether they "
+                              f"change what the adapter computes")
+
+
 @dataclass(frozen=True)
 class LoraConfig(Mapping):
     """A validated ``adapter_config.json``.
@@ -122,23 +143,7 @@ class LoraConfig(Mapping):
         if not isinstance(data, Mapping):
             raise LoraConfigError(f"{source} must be a JSON object, got {type(data).__name__}")
         data = dict(data)
-        peft_type = data.get("peft_type", "LORA")
-        if peft_type not in ("LORA", None):
-            raise LoraConfigError(f"{source}: peft_type is {peft_type!r}; diffulex-core loads LoRA adapters only")
-        for name, supported in _UNSUPPORTED_UNLESS.items():
-            if name in data and data[name] != supported and not _empty(data[name]):
-                raise LoraConfigError(f"{source}: {name}={data[name]!r} is not supported (only {supported!r}); "
-                                      f"diffulex-core would compute something else than the adapter was trained for")
-        if data.get("bias", "none") != "none":
-            raise LoraConfigError(f"{source}: bias={data['bias']!r} is not supported (only 'none'): the adapter "
-                                  f"would carry trained biases diffulex-core does not apply")
-        if not _empty(data.get("modules_to_save")):
-            raise LoraConfigError(f"{source}: modules_to_save={data['modules_to_save']!r} is not supported: those "
-                                  f"modules are replaced whole by the adapter; merge them into the base checkpoint")
-        unknown = sorted(k for k, v in data.items() if k not in _READ | _IGNORED | set(_UNSUPPORTED_UNLESS) and not _empty(v))
-        if unknown:
-            raise LoraConfigError(f"{source}: unknown field(s) {unknown} set; this version cannot tell whether they "
-                                  f"change what the adapter computes")
+        _refuse_unsupported(data, source)
         r = _number(data.get("r", SEED_DEFAULTS["r"]), "r", source, integer=True)
         alpha = _number(data.get("lora_alpha", SEED_DEFAULTS["lora_alpha"]), "lora_alpha", source)
         dropout = _number(data.get("lora_dropout", 0.0), "lora_dropout", source, positive=False)
