@@ -19,20 +19,21 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from diffulex_core.loading.applying import WriteState, apply_plan, problem_message
 from diffulex_core.checkpoint import LoadContext, ResolvedWeight
-from diffulex_core.io.staging import choose_path
 from diffulex_core.errors import LoadError, LoadPlanError, LoadWarning, WeightSpecError
+from diffulex_core.io.staging import choose_path
+from diffulex_core.loading.applying import WriteState, apply_plan, problem_message
+from diffulex_core.loading.destinations import Destinations, ask_module_resolvers, resolver_of
 from diffulex_core.loading.interrupts import deferred_interrupts
 from diffulex_core.loading.packed_mapping import PackedMapping, merge_mappings
-from diffulex_core.parallel import ParallelState, agree, current_parallel_state
 from diffulex_core.loading.partial_load import clear_partial, mark_partial
-from diffulex_core.loading.planning import (Destinations, LoadPlan, ask_module_resolvers, default_weight_loader, gc_paused, load_into,
-                       plan_checkpoint, plan_for_load, resolver_of)
-from diffulex_core.lora.adapters import enable_lora_for_model, load_lora_weights, prepare_lora, warn_base_only
-from diffulex_core.lora.config import load_lora_config
+from diffulex_core.loading.planning import LoadPlan, gc_paused, plan_checkpoint, plan_for_load
 from diffulex_core.loading.report import LoadReport
 from diffulex_core.loading.ties import materialize
+from diffulex_core.loading.weight_loaders import default_weight_loader, load_into
+from diffulex_core.lora.adapters import enable_lora_for_model, load_lora_weights, prepare_lora, warn_base_only
+from diffulex_core.lora.config import load_lora_config
+from diffulex_core.parallel import ParallelState, agree, current_parallel_state
 
 __all__ = [
     "default_weight_loader",
