@@ -515,6 +515,7 @@ def pinned_limit(gib: float = 1.0, repeats: int = 8) -> float:
 
 def run_device_case(args) -> None:
     from diffulex_core.io import staging as device_staging
+    from diffulex_core.testing.cpu_backend import CpuStandInBackend
 
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -555,7 +556,7 @@ def run_device_case(args) -> None:
 
         def ring_call(options):
             def call(m, ps, dev):
-                backend = device_staging.CpuStandInBackend(check_sources=False) if dry else None
+                backend = CpuStandInBackend(check_sources=False) if dry else None
                 stats = device_staged(m, ps, dev, device_staging.copy_to_device, backend=backend, **options)
                 sync(dev)
                 return stats

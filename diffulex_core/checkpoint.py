@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, NamedTuple
 
 from diffulex_core.errors import WeightSpecError
+from diffulex_core.io.memory import narrowed
 
 __all__ = ["LoadContext", "ResolvedWeight", "WeightDestination"]
 
@@ -80,7 +81,8 @@ class ResolvedWeight:
         if not prefix or not any(isinstance(n, str) for n in (self.param, self.buffer, *self.covers)):
             return self  # objects, or no names: nothing to rebase (and nothing to validate again)
         join = lambda n: f"{prefix}.{n}" if isinstance(n, str) else n  # noqa: E731
-        return replace(self, param=join(self.param), buffer=join(self.buffer), covers=tuple(join(n) for n in self.covers))
+        return replace(self, param=join(self.param), buffer=join(self.buffer),
+                       covers=tuple(join(n) for n in self.covers))
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def as_resolved_weight(value: Any, who: str, tensor: str) -> ResolvedWeight:
     theirs = [f.name for f in fields(value)] if is_dataclass(value) else None
     ours = {f.name for f in fields(ResolvedWeight)}
     if theirs is None or not set(theirs) <= ours:
-        has = "is not a dataclass" if theirs is None else f"has fields ours lacks: {', '.join(sorted(set(theirs) - ours))}"
+        has = ("is not a dataclass" if theirs is None
+               else f"has fields ours lacks: {', '.join(sorted(set(theirs) - ours))}")
         raise WeightSpecError(f"{expected}: that class {has}, so it cannot be converted; {change}")
     try:
         return ConvertedResolvedWeight(**{name: getattr(value, name) for name in theirs}, converted_from=kind)
@@ -155,8 +158,7 @@ class WeightDestination(NamedTuple):
 
     def apply(self, loaded_weight: Any) -> None:
         """``target.copy_`` of the narrowed tensor (a tensor or a ``CheckpointSlice``)."""
-        for dim, start, length in self.source:
-            loaded_weight = loaded_weight.narrow(dim, start, length)
+        loaded_weight = narrowed(loaded_weight, self.source)
         if tuple(loaded_weight.shape) != tuple(self.target.shape):
             raise ValueError(f"the narrowed checkpoint tensor has shape {list(loaded_weight.shape)} but its "
                              f"destination has shape {list(self.target.shape)}")

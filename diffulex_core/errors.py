@@ -1,5 +1,33 @@
 """Typed errors and warnings, so callers can catch exactly what went wrong."""
 
+__all__ = [
+    "DiffulexError",
+    "ConfigurationError",
+    "PluginError",
+    "PluginLoadError",
+    "PluginHookError",
+    "FamilyError",
+    "UnknownFamilyError",
+    "DuplicateFamilyError",
+    "FamilyFactoryError",
+    "PluginWarning",
+    "LoadError",
+    "CheckpointNotFoundError",
+    "CheckpointFormatError",
+    "LoadPlanError",
+    "LoadApplyError",
+    "PartialLoadError",
+    "WeightSpecError",
+    "LoraError",
+    "LoraConfigError",
+    "LoraAdapterError",
+    "LoraWarning",
+    "LoadWarning",
+    "TokenizerLoadError",
+    "ParallelConfigError",
+    "ParallelLoadError",
+]
+
 
 class DiffulexError(Exception):
     """Base class of every error raised by diffulex-core."""

@@ -15,6 +15,8 @@ other hooks keep each plugin's answer apart, attributed to that plugin, or call 
 
 import pluggy
 
+__all__ = ["ENTRY_POINT_GROUP", "PROJECT_NAME", "hookimpl", "hookspec"]
+
 PROJECT_NAME = "diffulex"
 ENTRY_POINT_GROUP = "diffulex"
 

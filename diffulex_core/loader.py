@@ -83,7 +83,8 @@ def _named_tensor(model: nn.Module | None, kind: str, name: str) -> torch.Tensor
     try:
         return model.get_parameter(name) if kind == "param" else model.get_buffer(name)
     except AttributeError:
-        raise WeightSpecError(f"ResolvedWeight names {kind} {name!r}, which {type(model).__qualname__} does not have") from None
+        raise WeightSpecError(f"ResolvedWeight names {kind} {name!r}, which {type(model).__qualname__} "
+                              f"does not have") from None
 
 
 def apply_resolved_weight(spec: ResolvedWeight, loaded_weight: torch.Tensor, *, model: nn.Module | None = None) -> None:

@@ -54,11 +54,13 @@ class ParallelState:
         return {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "ep_rank": self.ep_rank, "ep_size": self.ep_size}
 
     def describe(self) -> str:
-        return f"tensor-parallel rank {self.tp_rank} of {self.tp_size}, expert-parallel rank {self.ep_rank} of {self.ep_size}"
+        return (f"tensor-parallel rank {self.tp_rank} of {self.tp_size}, "
+                f"expert-parallel rank {self.ep_rank} of {self.ep_size}")
 
 
 SINGLE = ParallelState()
-_installed: contextvars.ContextVar[ParallelState | None] = contextvars.ContextVar("diffulex_parallel_state", default=None)
+_installed: contextvars.ContextVar[ParallelState | None] = contextvars.ContextVar("diffulex_parallel_state",
+                                                                                 default=None)
 
 
 def _group_rank_size(group: Any, what: str) -> tuple[int, int]:

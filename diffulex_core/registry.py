@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from diffulex_core.plugins.family_registry import FamilyEntry, FamilyRegistry, fetch_factory_name, validate_registration
 from diffulex_core.plugins import get_plugins
+from diffulex_core.plugins.family_registry import FamilyEntry, FamilyRegistry, fetch_factory_name, validate_registration
 
 __all__ = [
     "FamilyEntry",

@@ -43,7 +43,8 @@ from diffulex_core.environment import env_flag
 from diffulex_core.errors import TokenizerLoadError
 from diffulex_core.special_tokens import STANDARD_SPECIAL_TOKENS
 
-__all__ = ["auto_tokenizer_from_pretrained", "coerce_extra_special_tokens", "STANDARD_SPECIAL_TOKENS", "TOKENIZER_CONFIG"]
+__all__ = ["auto_tokenizer_from_pretrained", "coerce_extra_special_tokens", "STANDARD_SPECIAL_TOKENS",
+           "TOKENIZER_CONFIG"]
 
 log = logging.getLogger("diffulex_core.tokenizer")
 

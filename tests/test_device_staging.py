@@ -14,17 +14,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffulex_core.io import staging
+from diffulex_core.errors import ConfigurationError, LoadApplyError
 from diffulex_core.io.staging import (
-    CpuStandInBackend,
     CudaBackend,
     DeviceRead,
     StagingMisuseError,
     choose_path,
     copy_registered,
     copy_to_device,
+    registered,
+    ring,
 )
-from diffulex_core.errors import ConfigurationError, LoadApplyError
+from diffulex_core.io.staging.backend import dest_part
+from diffulex_core.testing.cpu_backend import CpuStandInBackend
 
 KIB = 1024
 
@@ -185,7 +187,7 @@ def test_error_in_a_reader_thread_stops_the_others(tmp_path, fds, monkeypatch):
     path = write_checkpoint(tmp_path / "m.safetensors", {f"w{i}": (1000,) for i in range(64)})
     reads, _ = plan([path])
     calls = []
-    real = staging.read_exact
+    real = ring.read_exact
 
     def flaky(fd, buffer, offset, what):
         calls.append(offset)
@@ -193,7 +195,7 @@ def test_error_in_a_reader_thread_stops_the_others(tmp_path, fds, monkeypatch):
             raise OSError("injected read failure")
         return real(fd, buffer, offset, what)
 
-    monkeypatch.setattr(staging, "read_exact", flaky)
+    monkeypatch.setattr(ring, "read_exact", flaky)
     backend = CpuStandInBackend(copy_delay=0.001)
     with pytest.raises(OSError, match="injected read failure"):
         copy_to_device(reads, fds([path]), ring_buffers=2, buffer_bytes=4 * KIB, threads=4, backend=backend,
@@ -240,28 +242,28 @@ def test_segments_cover_every_byte_once_on_disjoint_page_ranges(tmp_path, fds):
     reads, dests = plan(paths)
     reads = [r for r in reads if r.nbytes]
     sizes = {p: p.stat().st_size for p in paths}
-    segments = staging._segments(reads, sizes, segment_bytes=8 * KIB)
+    segments = registered._segments(reads, sizes, segment_bytes=8 * KIB)
     assert len(segments) > len(paths)
     by_file: dict[Path, list[tuple[int, int]]] = {}
     for s in segments:
-        assert s.lo % staging.PAGE == 0 and s.hi % staging.PAGE == 0 and s.lo < s.hi
+        assert s.lo % registered.PAGE == 0 and s.hi % registered.PAGE == 0 and s.lo < s.hi
         by_file.setdefault(s.file, []).append((s.lo, s.hi))
     for ranges in by_file.values():
         ranges.sort()
         assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
     opened = fds(paths)
-    maps = {p: staging._map_read_only(opened[p], sizes[p], p) for p in paths}
+    maps = {p: registered._map_read_only(opened[p], sizes[p], p) for p in paths}
     try:
         for s in segments:
-            source = staging._host_tensor(maps[s.file] + s.lo, s.hi - s.lo)
+            source = registered._host_tensor(maps[s.file] + s.lo, s.hi - s.lo)
             for read, done, nbytes in s.parts:
                 at = read.start + done - s.lo
                 assert s.lo <= read.start + done and read.start + done + nbytes <= s.hi
-                staging._dest_part(read, done, nbytes).copy_(source[at:at + nbytes])
+                dest_part(read, done, nbytes).copy_(source[at:at + nbytes])
             del source
     finally:
         for p, address in maps.items():
-            staging._unmap(address, sizes[p])
+            registered._unmap(address, sizes[p])
     assert_identical(dests, paths)
 
 
@@ -269,7 +271,7 @@ def test_registered_refuses_a_truncated_file_before_mapping(tmp_path, fds):
     path = write_checkpoint(tmp_path / "cut.safetensors", {"w": (100,), "z.last": (300,)})
     reads, _ = plan([path])
     with pytest.raises(LoadApplyError, match="'z.last'.*ended"):
-        staging._segments(reads, {path: path.stat().st_size - 10}, 1 << 20)
+        registered._segments(reads, {path: path.stat().st_size - 10}, 1 << 20)
 
 
 def test_choose_path():

@@ -7,7 +7,7 @@ tensor. ``OpenFiles`` opens each file once, before its header is read, and the a
 through those descriptors: a file replaced or deleted after planning is still read as planned.
 Headers are read through the same descriptors. A file changed in place (truncated, rewritten)
 is caught by comparing its size and modification time before the first byte is written.
-Opening never blocks and only regular files are accepted (``checkpoint_files.open_regular``).
+Opening never blocks and only regular files are accepted (``regular.open_regular``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffulex_core.files.headers import open_regular
 from diffulex_core.errors import CheckpointFormatError
+from diffulex_core.files.regular import open_regular
 
 __all__ = ["OpenFiles"]
+
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -1,4 +1,4 @@
-"""Finding a checkpoint's ``.safetensors`` files and reading their headers (never tensor bytes).
+"""Reading and validating a safetensors file's header (never tensor bytes).
 
 Every malformed input raises ``CheckpointFormatError`` or ``CheckpointNotFoundError`` naming
 the file (and the tensor where there is one), before the loader writes anything.
@@ -31,41 +31,29 @@ so no hostile header costs more than reading it once):
    where the one before ended (the first at 0), ``end - begin`` is its size, and the last end is
    the end of the file (no gap, no overlap, no trailing byte).
 
-The index (``model.safetensors.index.json``) is read with the same JSON rules; its
-``weight_map`` maps tensor names to file names (strings), inside the checkpoint directory.
-
-Only regular files are opened (``os.stat`` follows symlinks first, and the open is checked with
-``fstat``): a FIFO, a device or a directory in a file's place is refused, never read or waited on.
+A sharded checkpoint's index is read with the same JSON rules (``parse_json``, used by ``finding``).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import posixpath
 import re
-import reprlib
-import stat
 import struct
-from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from diffulex_core.errors import CheckpointFormatError, CheckpointNotFoundError, LoadError
+from diffulex_core.errors import CheckpointFormatError
+from diffulex_core.files.regular import MAX_SHOWN, open_regular, read_fd, shown
 
-__all__ = ["TensorRecord", "CheckpointFiles", "find_checkpoint_files", "open_regular", "read_header", "read_records", "DTYPES"]
+__all__ = ["DTYPES", "TensorRecord", "read_header", "read_records"]
 
 MAX_HEADER_BYTES = 100 * 1000 * 1000  # the limit the safetensors format itself sets
-MAX_INDEX_BYTES = MAX_HEADER_BYTES  # an index lists names only; anything larger is not one
 MAX_JSON_DEPTH = 127  # serde_json's recursion limit, as safetensors applies it
-MAX_SHOWN = 200  # characters of a value or name quoted in an error message
-INDEX_NAME = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LFS_PREFIX = b"version https://git-lfs"
 _U64 = 2**64
 
@@ -106,196 +94,6 @@ class TensorRecord(NamedTuple):
         return self.end - self.start
 
 
-@dataclass
-class CheckpointFiles:
-    """The files a load reads, and the index's tensor -> file map when there is one."""
-
-    root: Path
-    files: list[Path]
-    index: dict[str, str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 8, 8, MAX_SHOWN, 60, MAX_SHOWN
-
-
-def _short(value: Any) -> str:
-    """A bounded ``repr``: a hostile header can hold 100 MB strings, huge or deep containers."""
-    text = _REPR.repr(value)
-    return text if len(text) <= 2 * MAX_SHOWN else text[:2 * MAX_SHOWN] + "..."
-
-
-# --------------------------------------------------------------------------- regular files only
-
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
-
-
-def _stat(path: Path, what: str) -> os.stat_result:
-    """``os.stat`` (following symlinks) with every failure turned into a typed error naming ``path``."""
-    try:
-        return os.stat(path)
-    except ValueError:  # the one name every OS call refuses before asking the OS: no path holds a NUL
-        raise CheckpointNotFoundError(f"{what} {_short(str(path))} does not exist: its name holds a NUL byte") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CheckpointFormatError(f"{what} {path} is a symlink loop (too many levels of symbolic links)") from None
-        if exc.errno == errno.ENAMETOOLONG:
-            raise CheckpointNotFoundError(f"{what} {_short(str(path))} does not exist: its name is too long") from None
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            if os.path.islink(path):
-                raise CheckpointNotFoundError(
-                    f"{what} {path} does not exist: it is a dangling symlink to {_short(os.readlink(path))}") from None
-            raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
-        raise CheckpointFormatError(f"{what} {path} cannot be read: {exc.strerror}") from None
-
-
-def _regular_file(path: Path, what: str) -> os.stat_result:
-    """Stat ``path`` and refuse anything but a regular file (symlinks to regular files are fine)."""
-    st = _stat(path, what)
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointFormatError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
-    return st
-
-
-def open_regular(path: Path, what: str) -> int:
-    """A read-only descriptor of a regular file (symlinks to one are fine), or a typed error.
-
-    Checked with ``stat`` before the open and ``fstat`` after it, and opened non-blocking, so a
-    file swapped for a FIFO in between is refused rather than waited on.
-    """
-    _regular_file(path, what)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise CheckpointFormatError(f"{what} {path} cannot be opened: {exc.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise CheckpointFormatError(f"{what} {path} is {_kind(mode)}, not a regular file")
-    return fd
-
-
-def _read_fd(fd: int, path: Path, what: str, limit: int) -> tuple[int, bytes]:
-    """(file size, its first ``limit`` bytes at most) through an open descriptor."""
-    try:
-        size = os.fstat(fd).st_size
-        want, chunks, at = min(size, limit), [], 0
-        while at < want:
-            chunk = os.pread(fd, want - at, at)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            at += len(chunk)
-        return size, b"".join(chunks)
-    except OSError as exc:
-        raise CheckpointFormatError(f"{what} {path} cannot be read: {exc.strerror}") from None
-
-
-def _read_regular(path: Path, what: str, limit: int) -> tuple[int, bytes]:
-    """(size, bytes) of a regular file: ``limit`` bytes at most."""
-    fd = open_regular(path, what)
-    try:
-        return _read_fd(fd, path, what, limit)
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------- finding the files
-
-
-def find_checkpoint_files(path: str | Path) -> CheckpointFiles:
-    """One file, a directory with ``model.safetensors.index.json``, or a directory of ``*.safetensors``."""
-    path = Path(path)
-    st = _stat(path, "checkpoint")
-    if stat.S_ISREG(st.st_mode):
-        if path.name.endswith(".index.json"):
-            return _from_index(path)
-        _refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise CheckpointFormatError(f"{path} is not a .safetensors file or a safetensors index")
-        return CheckpointFiles(path.parent, [path])
-    if not stat.S_ISDIR(st.st_mode):
-        raise CheckpointFormatError(f"checkpoint {path} is {_kind(st.st_mode)}, not a file or a directory")
-    try:
-        return _from_directory(path)
-    except LoadError:
-        raise
-    except OSError as exc:  # a directory we may not list, or one changing under us
-        raise CheckpointFormatError(f"checkpoint directory {path} cannot be read: {exc.strerror or exc}") from None
-
-
-def _from_directory(path: Path) -> CheckpointFiles:
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        names = ", ".join(p.name for p in indexes)
-        raise CheckpointFormatError(f"{path} holds several safetensors indexes ({names}); pass the one to load")
-    if indexes:
-        return _from_index(indexes[0])
-    files = sorted(path.glob("*.safetensors"))  # a directory or FIFO named so is refused below
-    if not files:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise CheckpointNotFoundError(
-                f"{path} holds only pickle checkpoints ({', '.join(pickles)}); diffulex never loads pickles. "
-                f"Convert them to .safetensors (for example with transformers' save_pretrained(safe_serialization=True))"
-            )
-        raise CheckpointNotFoundError(f"{path} holds no .safetensors file")
-    for file in files:
-        _regular_file(file, "file")
-    return CheckpointFiles(path, files)
-
-
-def _refuse_pickle(path: Path) -> None:
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointFormatError(f"{path} is a pickle checkpoint; diffulex never loads pickles. Convert it to .safetensors")
-
-
-def _from_index(index_path: Path) -> CheckpointFiles:
-    root = index_path.parent
-    size, raw = _read_regular(index_path, "index", MAX_INDEX_BYTES + 1)
-    if size > MAX_INDEX_BYTES:
-        raise CheckpointFormatError(f"index {index_path} is {size:,} bytes, over the {MAX_INDEX_BYTES:,}-byte limit")
-    index = _parse_json(raw, f"{index_path}: the index")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointFormatError(f"{index_path} is not a safetensors index: 'weight_map' must map tensor names to file names")
-    # Names are checked as written, not where symlinks point: a Hugging Face cache snapshot's
-    # shards are symlinks into ../../blobs, and that is fine; "../x" or "/x" in the index is not.
-    weight_map = {tensor: posixpath.normpath(name) for tensor, name in weight_map.items()}
-    files = []
-    for name in sorted(set(weight_map.values())):
-        if posixpath.isabs(name) or name == ".." or name.startswith("../"):
-            raise CheckpointFormatError(f"{index_path} names {_short(name)}, which lies outside the checkpoint directory {root}")
-        if "\x00" in name:  # no file name can hold one; os.stat would raise a bare ValueError
-            raise CheckpointFormatError(f"{index_path} names {_short(name)} (for tensor {_first(weight_map, name)} and "
-                                        f"others), which holds a NUL byte: no file can have that name")
-        file = root / name
-        _refuse_pickle(file)
-        try:
-            _regular_file(file, "shard")
-        except CheckpointNotFoundError as exc:
-            raise CheckpointFormatError(f"{index_path} names {_short(name)} (for tensor {_first(weight_map, name)} and "
-                                        f"others), which does not exist ({exc})") from None
-        except CheckpointFormatError as exc:
-            raise CheckpointFormatError(f"{index_path} names {_short(name)}: {exc}") from None
-        files.append(file)
-    ignored = sorted(p.name for p in root.glob("*.safetensors") if p not in set(files))
-    notes = [f"ignored {name}: not named by {index_path.name}" for name in ignored]
-    return CheckpointFiles(root, files, weight_map, notes)
-
-
-def _first(weight_map: dict[str, str], name: str) -> str:
-    """The first tensor the index sends to file ``name``, quoted for an error message."""
-    return _short(next(t for t, f in weight_map.items() if f == name))
-
 
 # --------------------------------------------------------------------------- JSON as serde_json reads it
 
@@ -319,7 +117,7 @@ def _json_int(text: str) -> int | float:
 def _json_float(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise _Refused(f"number {_short(text)} is out of range")
+        raise _Refused(f"number {shown(text)} is out of range")
     return value
 
 
@@ -332,7 +130,7 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict:
     if len(obj) != len(pairs):
         seen: set[str] = set()
         duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Refused(f"key {_short(duplicate)} appears twice in one object")
+        raise _Refused(f"key {shown(duplicate)} appears twice in one object")
     return obj
 
 
@@ -374,7 +172,7 @@ def _check_strings(value: Any) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise _Refused(f"string {_short(item)} holds a lone UTF-16 surrogate escape") from None
+                raise _Refused(f"string {shown(item)} holds a lone UTF-16 surrogate escape") from None
         elif isinstance(item, dict):
             stack.extend(item)
             stack.extend(item.values())
@@ -382,7 +180,7 @@ def _check_strings(value: Any) -> None:
             stack.extend(item)
 
 
-def _parse_json(raw: bytes, what: str) -> Any:
+def parse_json(raw: bytes, what: str) -> Any:
     """Strict UTF-8 JSON by the rules above; any failure is a ``CheckpointFormatError`` that
     starts with ``what`` (the file and which part of it)."""
     try:
@@ -418,10 +216,10 @@ def _entry(file: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], int,
     Written for speed (100,000 entries is a real checkpoint): C-level type and range checks.
     """
     def bad(why: str) -> CheckpointFormatError:
-        return CheckpointFormatError(f"{file}: tensor {_short(name)} has a malformed header entry: {why}")
+        return CheckpointFormatError(f"{file}: tensor {shown(name)} has a malformed header entry: {why}")
 
     if type(info) is not dict:
-        raise bad(f"{_short(info)} is not an object")
+        raise bad(f"{shown(info)} is not an object")
     try:
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     except KeyError as exc:
@@ -429,11 +227,11 @@ def _entry(file: Path, name: str, info: Any) -> tuple[str, tuple[int, ...], int,
     if type(code) is dict and len(code) == 1 and None in code.values():
         (code,) = code  # serde's {"F32": null} form of the same unit variant
     if type(code) is not str or code not in DTYPE_BITS:
-        raise bad(f"dtype {_short(code)} is not a safetensors dtype")
+        raise bad(f"dtype {shown(code)} is not a safetensors dtype")
     if type(shape) is not list or (shape and (set(map(type, shape)) != _INT or min(shape) < 0)):
-        raise bad(f"shape {_short(shape)} is not a list of non-negative integers")
+        raise bad(f"shape {shown(shape)} is not a list of non-negative integers")
     if type(offsets) is not list or len(offsets) != 2 or set(map(type, offsets)) != _INT or min(offsets) < 0:
-        raise bad(f"data_offsets {_short(offsets)} is not a list of two non-negative integers")
+        raise bad(f"data_offsets {shown(offsets)} is not a list of two non-negative integers")
     return code, tuple(shape), offsets[0], offsets[1]  # every int is < 2**64: _json_int saw to it
 
 
@@ -446,10 +244,15 @@ def _nbytes(file: Path, name: str, code: str, shape: tuple[int, ...]) -> int:
             break
     bits = count * DTYPE_BITS[code]
     if count >= _U64 or bits >= _U64:
-        raise CheckpointFormatError(f"{file}: tensor {_short(name)} ({code}, shape {_short(list(shape))}) is larger than 2**64 bits")
+        raise CheckpointFormatError(
+            f"{file}: tensor {shown(name)} ({code}, shape {shown(list(shape))}) is larger than 2**64 bits")
     if bits % 8:
-        raise CheckpointFormatError(f"{file}: tensor {_short(name)} ({code}, shape {_short(list(shape))}) does not end on a byte")
+        raise CheckpointFormatError(
+            f"{file}: tensor {shown(name)} ({code}, shape {shown(list(shape))}) does not end on a byte")
     return bits // 8
+
+
+Span = tuple[int, int, str, str, tuple[int, ...]]  # (begin, end, name, dtype code, shape) of one tensor
 
 
 def read_header(file: Path, fd: int | None = None) -> tuple[int, dict]:
@@ -462,15 +265,26 @@ def read_header(file: Path, fd: int | None = None) -> tuple[int, dict]:
     return data_start, header
 
 
-def _validated(file: Path, fd: int | None) -> tuple[int, dict, list[tuple[int, int, str, str, tuple[int, ...]]]]:
-    """Data start, header, and (begin, end, name, dtype code, shape) of every tensor, in file order."""
+def _validated(file: Path, fd: int | None) -> tuple[int, dict, list[Span]]:
+    """Data start, header, and the span of every tensor, in file order."""
     if fd is None:
         fd = open_regular(file, "file")
         try:
             return _validated(file, fd)
         finally:
             os.close(fd)
-    size, head = _read_fd(fd, file, "file", 64)
+    size, length, raw = _framed(file, fd)
+    header = parse_json(raw[8:], f"{file}: the header")
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{file}: the header is a JSON {type(header).__name__}, not an object")
+    spans = _spans(file, header)
+    _check_layout(file, spans, size - 8 - length)
+    return 8 + length, header, spans
+
+
+def _framed(file: Path, fd: int) -> tuple[int, int, bytes]:
+    """(file size, header length ``N``, the first ``8 + N`` bytes), by the framing rule (1)."""
+    size, head = read_fd(fd, file, "file", 64)
     if head.startswith(_LFS_PREFIX):
         raise CheckpointFormatError(
             f"{file.name} is a Git LFS pointer ({size} bytes), not safetensors data. "
@@ -483,45 +297,54 @@ def _validated(file: Path, fd: int | None) -> tuple[int, dict, list[tuple[int, i
         raise CheckpointFormatError(f"{file}: header of {length:,} bytes is over the 100 MB limit; the file is corrupt")
     if 8 + length > size:
         raise CheckpointFormatError(
-            f"{file}: header length {length:,} runs past the end of the file ({size:,} bytes); the file is truncated or not safetensors"
+            f"{file}: header length {length:,} runs past the end of the file ({size:,} bytes); "
+            f"the file is truncated or not safetensors"
         )
-    size, raw = _read_fd(fd, file, "file", 8 + length)
+    size, raw = read_fd(fd, file, "file", 8 + length)
     if len(raw) != 8 + length:
         raise CheckpointFormatError(f"{file} changed while its header was read")
-    header = _parse_json(raw[8:], f"{file}: the header")
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{file}: the header is a JSON {type(header).__name__}, not an object")
-    data_size = size - 8 - length
+    return size, length, raw
+
+
+def _spans(file: Path, header: dict) -> list[Span]:
+    """Every tensor entry checked by the structure rule (4), sorted by ``(begin, end)``."""
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
             if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
-                raise CheckpointFormatError(f"{file}: '__metadata__' must be null or map strings to strings, not {_short(info)}")
+                raise CheckpointFormatError(
+                    f"{file}: '__metadata__' must be null or map strings to strings, not {shown(info)}")
             continue
         code, shape, begin, end = _entry(file, name, info)
         spans.append((begin, end, name, code, shape))
     spans.sort(key=lambda span: (span[0], span[1]))
+    return spans
+
+
+def _check_layout(file: Path, spans: list[Span], data_size: int) -> None:
+    """The sizes (5) and layout (6) rules: sorted spans tile the ``data_size`` bytes exactly."""
     at = 0  # where the next tensor must begin
     for begin, end, name, code, shape in spans:
         if begin != at or end < begin:
             what = "begins before it ends" if end < begin else "overlaps the tensor before it" if begin < at \
                 else f"leaves {begin - at:,} unused bytes before it"
-            raise CheckpointFormatError(f"{file}: tensor {_short(name)} spans bytes {begin}..{end}, which {what}; "
+            raise CheckpointFormatError(f"{file}: tensor {shown(name)} spans bytes {begin}..{end}, which {what}; "
                                         f"safetensors tensors must tile the data exactly")
         expected = _nbytes(file, name, code, shape)
         if end - begin != expected:
             raise CheckpointFormatError(
-                f"{file}: tensor {_short(name)} ({code}, shape {_short(list(shape))}) spans bytes {begin}..{end}, expected {expected} bytes"
+                f"{file}: tensor {shown(name)} ({code}, shape {shown(list(shape))}) spans bytes {begin}..{end}, "
+                f"expected {expected} bytes"
             )
         if end > data_size:
             raise CheckpointFormatError(
-                f"{file}: tensor {_short(name)} needs data up to byte {end:,} but the file holds {data_size:,}; the file is truncated"
+                f"{file}: tensor {shown(name)} needs data up to byte {end:,} but the file holds {data_size:,}; "
+                f"the file is truncated"
             )
         at = end
     if at != data_size:
         raise CheckpointFormatError(f"{file}: {data_size - at:,} bytes follow the last tensor's data; "
                                     f"the file is corrupt or was appended to")
-    return 8 + length, header, spans
 
 
 def read_records(file: Path, fd: int | None = None) -> list[TensorRecord]:
@@ -531,8 +354,10 @@ def read_records(file: Path, fd: int | None = None) -> list[TensorRecord]:
     for begin, end, name, code, shape in spans:
         dtype = DTYPES.get(code)
         if dtype is None:
-            raise CheckpointFormatError(f"{file}: tensor {_short(name)} has dtype {code!r}, which this torch cannot hold")
+            raise CheckpointFormatError(
+                f"{file}: tensor {shown(name)} has dtype {code!r}, which this torch cannot hold")
         if shape and max(shape) >= 2**63:  # valid safetensors (when empty), but over torch's int64 sizes
-            raise CheckpointFormatError(f"{file}: tensor {_short(name)} has shape {_short(list(shape))}, which torch cannot hold")
+            raise CheckpointFormatError(
+                f"{file}: tensor {shown(name)} has shape {shown(list(shape))}, which torch cannot hold")
         records.append(TensorRecord(name, file, dtype, shape, data_start + begin, data_start + end))
     return records

@@ -138,7 +138,7 @@ class GenerationOutputs(SeedMetrics, OwnMetrics):
             self.decode_time += step_time
         self.split_prefill_time += step_time * n_prefill / n
         self.split_decode_time += step_time * (n - n_prefill) / n
-        for inp, traj in zip(inputs, targets):
+        for inp, traj in zip(inputs, targets, strict=True):
             if traj is not None:
                 self._record(traj, inp, step_time, elapsed, batch_step)
 

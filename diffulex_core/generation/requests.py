@@ -124,7 +124,7 @@ class Outcome:
         self.truncated_at_eos = truncated_at_eos
         self.finished = finished
         self.completion_reason = completion_reason
-        for name, value in zip(OUTCOME_FLAGS, flags):
+        for name, value in zip(OUTCOME_FLAGS, flags, strict=False):
             setattr(self, name, bool(value))
 
 
@@ -255,7 +255,7 @@ def _engine_outcome(req: Any) -> Outcome:
     cut = next((i for i, t in enumerate(full) if t in eos), None)
     at_eos = cut is not None
     defaults = (at_eos, False, False, False, False, at_eos)
-    flags = [getattr(req, name, default) for name, default in zip(OUTCOME_FLAGS, defaults)]
+    flags = [getattr(req, name, default) for name, default in zip(OUTCOME_FLAGS, defaults, strict=False)]
     return Outcome(token_ids=full[:cut] if at_eos else list(full), full_token_ids=full, truncated_at_eos=at_eos,
                    finished=True, completion_reason=req.completion_reason, flags=flags)
 

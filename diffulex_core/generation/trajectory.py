@@ -80,7 +80,8 @@ class TraceStatuses:
 
     def _rows(self, trace: np.ndarray, keys: Sequence[str], no_status: str | None) -> list[dict[str, Any]]:
         names = self.names
-        return [dict(zip(keys, (*row[:6], names[row[6]] if row[6] >= 0 else no_status))) for row in trace.tolist()]
+        return [dict(zip(keys, (*row[:6], names[row[6]] if row[6] >= 0 else no_status), strict=True))
+                for row in trace.tolist()]
 
     def unpack(self, trace: np.ndarray) -> list[dict[str, Any]]:
         """Records as dicts with ``TRACE_FIELDS`` (no status: None)."""
@@ -121,7 +122,7 @@ class ChangeLog:
             length = self.lengths[i]
             del sequence[length:]
             sequence.extend([0] * (length - len(sequence)))
-            for position, value in zip(self.positions[i], self.values[i]):
+            for position, value in zip(self.positions[i], self.values[i], strict=True):
                 sequence[position] = value
         self._at, self._sequence = index, sequence
         return list(sequence)
@@ -230,7 +231,7 @@ class ReqStep:
         if self._log is not None:
             return self._log.sequence(self._log_index)
         sequence = [0] * self.running_length  # built by hand: its own change set is all there is
-        for position, value in zip(self.changed_positions, self.changed_values):
+        for position, value in zip(self.changed_positions, self.changed_values, strict=True):
             sequence[position] = value
         return sequence
 

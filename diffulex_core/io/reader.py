@@ -11,18 +11,21 @@ cast copies release the GIL. There is no memory map, so peak RSS stays at the mo
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
 from diffulex_core.errors import LoadApplyError
+from diffulex_core.io.memory import memory_at
 
-__all__ = ["CastRead", "DirectRead", "read_direct", "read_exact", "readv_exact"]
+if TYPE_CHECKING:
+    from diffulex_core.files.headers import TensorRecord
+
+__all__ = ["CastRead", "DirectRead", "read_direct", "read_exact", "read_record", "read_runs"]
 
 CHUNK_BYTES = 16 * 1024**2  # a large tensor is read in pieces of this size, so threads can share it
 BATCH_BYTES = 16 * 1024**2  # the most one batched preadv covers
@@ -58,7 +61,8 @@ class CastRead(NamedTuple):
 
 
 def read_exact(fd: int, buffer: memoryview, offset: int, what: str) -> None:
-    """Fill ``buffer`` from ``offset`` of ``fd``; a short file or an I/O error is a ``LoadApplyError`` naming ``what``."""
+    """Fill ``buffer`` from ``offset`` of ``fd``; a short file or an I/O error is a ``LoadApplyError``
+    naming ``what``."""
     readv_exact(fd, [buffer], offset, what)
 
 
@@ -83,8 +87,23 @@ def readv_exact(fd: int, buffers: list[memoryview], offset: int, what: str) -> N
                 n = 0
 
 
-def _memory(address: int, nbytes: int) -> memoryview:
-    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+def read_runs(fd: int, dest: torch.Tensor, runs: Iterable[tuple[int, int]], what: str) -> int:
+    """Read each ``(file offset, nbytes)`` of ``runs`` in turn, back to back into ``dest`` (a
+    contiguous CPU tensor), straight into its memory: no temporary. Returns the bytes read."""
+    address = dest.data_ptr()
+    done = 0
+    for offset, nbytes in runs:
+        if nbytes:
+            read_exact(fd, memory_at(address + done, nbytes), offset, what)
+        done += nbytes
+    return done
+
+
+def read_record(fd: int, record: TensorRecord) -> torch.Tensor:
+    """The tensor ``record`` describes, as a new CPU tensor read through ``fd`` (its file's descriptor)."""
+    tensor = torch.empty(record.shape, dtype=record.dtype)
+    read_runs(fd, tensor, [(record.start, record.nbytes)], f"{record.file}: tensor {record.name!r}")
+    return tensor
 
 
 class _Scratch(threading.local):
@@ -101,7 +120,7 @@ class _Scratch(threading.local):
         """This thread's cast buffer (``CAST_CHUNK_BYTES``), as a tensor and as memory to read into."""
         if self.staging is None or self.staging.numel() < CAST_CHUNK_BYTES:
             self.staging = torch.empty(CAST_CHUNK_BYTES, dtype=torch.uint8)
-            self.staging_view = memoryview(self.staging.numpy()).cast("B")
+            self.staging_view = memory_at(self.staging.data_ptr(), CAST_CHUNK_BYTES)
         return self.staging, self.staging_view
 
 
@@ -189,7 +208,7 @@ def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, casts: list
                 for part in op.parts:
                     if part.start > end:  # a gap: read it into scratch rather than make another call
                         buffers.append(scratch.get(part.start - end))
-                    buffers.append(_memory(part.address, part.nbytes))
+                    buffers.append(memory_at(part.address, part.nbytes))
                     end = part.start + part.nbytes
                 first, last = op.parts[0].name, op.parts[-1].name
                 readv_exact(fds[op.file], buffers, op.offset,
@@ -199,7 +218,8 @@ def read_direct(reads: list[DirectRead], fds: Mapping[Path, int], *, casts: list
                 read, size = op.read, op.read.dtype.itemsize
                 nbytes = op.count * size  # read while it fits in cache, then cast from there
                 staging, memory = scratch.cast_staging()
-                read_exact(fds[read.file], memory[:nbytes], read.start + op.first * size, f"{read.file}: tensor {read.name!r}")
+                read_exact(fds[read.file], memory[:nbytes], read.start + op.first * size,
+                           f"{read.file}: tensor {read.name!r}")
                 read.dest.narrow(0, op.first, op.count).copy_(staging[:nbytes].view(read.dtype))
                 done += nbytes
         return done

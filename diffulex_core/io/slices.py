@@ -13,7 +13,6 @@ source of ``Tensor.copy_``; any other torch function reads it whole first (``to_
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import math
 from typing import Any, Callable
@@ -21,9 +20,9 @@ from typing import Any, Callable
 import torch
 
 from diffulex_core.files.headers import TensorRecord
-from diffulex_core.io.reader import read_exact
+from diffulex_core.io.reader import read_runs
 
-__all__ = ["CheckpointSlice", "accepts_checkpoint_slice", "byte_runs", "takes_checkpoint_slices"]
+__all__ = ["CheckpointSlice", "accepts_checkpoint_slice", "takes_checkpoint_slices"]
 
 ATTRIBUTE = "accepts_checkpoint_slice"
 
@@ -65,7 +64,8 @@ def byte_runs(record: TensorRecord, ranges: tuple[tuple[int, int], ...] | None) 
     run_bytes = length * strides[inner - 1]
     first = record.start + start * strides[inner - 1]
     outer = [range(s, s + n) for s, n in ranges[: inner - 1]]
-    return [(first + sum(i * strides[d] for d, i in enumerate(index)), run_bytes) for index in itertools.product(*outer)]
+    return [(first + sum(i * strides[d] for d, i in enumerate(index)), run_bytes)
+            for index in itertools.product(*outer)]
 
 
 class ByteMeter:
@@ -127,7 +127,8 @@ class CheckpointSlice:
         return CheckpointSlice(self.record, self.fd, self.meter, tuple(ranges))
 
     def __repr__(self) -> str:
-        return f"CheckpointSlice({self.record.name!r}, shape={list(self.shape)}, dtype={self.dtype}, ranges={self.ranges})"
+        return (f"CheckpointSlice({self.record.name!r}, shape={list(self.shape)}, dtype={self.dtype}, "
+                f"ranges={self.ranges})")
 
     # -- reading
 
@@ -142,11 +143,7 @@ class CheckpointSlice:
         """Read the view into ``dest``: a contiguous CPU tensor of its shape and dtype."""
         if self.fd is None:
             raise RuntimeError(f"{self._what()}: a dry-run view has no bytes to read")
-        address, done = dest.data_ptr(), 0
-        for offset, nbytes in self.runs():
-            buffer = memoryview((ctypes.c_char * nbytes).from_address(address + done)).cast("B")
-            read_exact(self.fd, buffer, offset, self._what())
-            done += nbytes
+        done = read_runs(self.fd, dest, self.runs(), self._what())
         if self.meter is not None:
             self.meter.bytes += done
 

@@ -16,7 +16,7 @@
    tensor-parallel rank's rows or columns). Plain copies and declared ``WeightDestination``s
    need no code: on the CPU their bytes are read straight into place (cast in bounded chunks
    where dtypes differ); on a CUDA device of their dtype they go through a pinned staging ring
-   (``device_staging``), and everything else gets its tensor on the device before its code runs.
+   (``io.staging``), and everything else gets its tensor on the device before its code runs.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from typing import Mapping
 import torch
 
 from diffulex_core.errors import LoadApplyError, LoadPlanError
+from diffulex_core.io.reader import CastRead, DirectRead, read_direct, read_record
 from diffulex_core.io.slices import ByteMeter, CheckpointSlice, byte_runs
 from diffulex_core.io.staging import DeviceRead, choose_path
+from diffulex_core.loading.destinations import Destinations
 from diffulex_core.loading.interrupts import InterruptGate
-from diffulex_core.loading.planning import WRITTEN_KINDS, Destinations, LoadPlan, Planned, load_into, takes_slice
-from diffulex_core.io.reader import CastRead, DirectRead, read_direct, read_exact
+from diffulex_core.loading.planning import WRITTEN_KINDS, LoadPlan, Planned
 from diffulex_core.loading.report import LoadReport
+from diffulex_core.loading.weight_loaders import load_into, takes_slice
 from diffulex_core.loading.write_watch import ModelMemory, WriteWatcher
 
 __all__ = ["apply_plan", "problem_message", "WriteState"]
@@ -57,11 +59,7 @@ def problem_message(report: LoadReport, problems: list[str] | None = None, outco
 
 
 def _read_tensor(item: Planned, fds: Mapping[Path, int]) -> torch.Tensor:
-    record = item.record
-    tensor = torch.empty(record.shape, dtype=record.dtype)
-    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
-    read_exact(fds[record.file], buffer, record.start, f"{record.file}: tensor {record.name!r}")
-    return tensor
+    return read_record(fds[item.record.file], item.record)
 
 
 def _run_code(item: Planned, dest: torch.Tensor | None, tensor: torch.Tensor) -> None:
@@ -213,7 +211,8 @@ def _reads_into(item: Planned, dest: torch.Tensor, direct: list[DirectRead], cas
         return
     flat, first, size = dest.detach().view(-1), layout.offset, record.dtype.itemsize  # reader threads: no autograd
     for offset, nbytes in byte_runs(record, layout.ranges):
-        casts.append(CastRead(record.file, offset, nbytes, record.dtype, flat.narrow(0, first, nbytes // size), record.name))
+        part = flat.narrow(0, first, nbytes // size)
+        casts.append(CastRead(record.file, offset, nbytes, record.dtype, part, record.name))
         first += nbytes // size
 
 
@@ -244,7 +243,7 @@ def apply_plan(plan: LoadPlan, dests: Destinations, *, progress: bool | None, th
                state: WriteState | None = None) -> None:
     """Write every planned tensor; ``fatal`` problem kinds found while applying undo phase 1 and raise.
 
-    ``cuda_path`` picks how bytes reach CUDA destinations (``device_staging.choose_path``).
+    ``cuda_path`` picks how bytes reach CUDA destinations (``io.staging.choose_path``).
     ``gate`` is asked for a held Ctrl-C where the load can still stop with the model whole;
     ``state`` says, when this raises, whether the model holds writes that were not undone."""
     gate = gate or InterruptGate()

@@ -216,7 +216,8 @@ class Destinations:
         for rooted in mapping.rooted(name):
             found = self._mapped_target(rooted)
             if found is not None:
-                return found, "packed_mapping:root", f"keys: {', '.join(rooted.keys)}; {mapped.name!r} names nothing, so from the root"
+                why = f"keys: {', '.join(rooted.keys)}; {mapped.name!r} names nothing, so from the root"
+                return found, "packed_mapping:root", why
         return None, "", f"packed mapping {list(mapped.keys)} rewrote it to {mapped.name!r}, which is not a parameter"
 
     def _mapped_target(self, mapped: MappedName) -> Target | None:

@@ -46,7 +46,8 @@ def parse_dtype(name: Any, what: str):
 def checkpoint_dtype(path: str | Path, config: dict | None = None) -> tuple[Any, str]:
     """(dtype, where it came from): config ``dtype``/``torch_dtype``, else the floating dtype holding
     most of the checkpoint's bytes; (None, reason) when neither says."""
-    from diffulex_core.files.headers import find_checkpoint_files, read_records
+    from diffulex_core.files.finding import find_checkpoint_files
+    from diffulex_core.files.headers import read_records
 
     config = checkpoint_config(path) if config is None else config
     for key in ("dtype", "torch_dtype"):

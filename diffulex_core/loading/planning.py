@@ -53,7 +53,8 @@ from diffulex_core.loading.write_watch import MetaOnly
 from diffulex_core.parallel import ParallelState, current_parallel_state
 from diffulex_core.plugins.hook_calls import collect_results, first_result, plugin_label
 
-__all__ = ["WRITTEN_KINDS", "LoadPlan", "Planned", "gc_paused", "model_packed_mapping", "plan_checkpoint", "plan_for_load"]
+__all__ = ["WRITTEN_KINDS", "LoadPlan", "Planned", "gc_paused", "model_packed_mapping", "plan_checkpoint",
+           "plan_for_load"]
 
 WRITTEN_KINDS = ("param", "buffer", "loader")
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in DTYPES.values()}
@@ -107,7 +108,8 @@ def model_packed_mapping(model: nn.Module, config: Any = None,
                          extra: tuple[tuple[str, Any], ...] = ()) -> PackedMapping:
     """The model's ``packed_modules_mapping`` merged with every plugin's hook answer (and
     ``extra`` (source, mapping) pairs); one key mapped two ways is an error naming both."""
-    parts = [(f"{type(model).__qualname__}.packed_modules_mapping", getattr(model, "packed_modules_mapping", None) or {})]
+    own = getattr(model, "packed_modules_mapping", None) or {}
+    parts = [(f"{type(model).__qualname__}.packed_modules_mapping", own)]
     parts += [(f"plugin {p!r}", m) for p, m in collect_results(
         _plugin_manager().hook.diffulex_packed_modules_mapping, {"model": model, "config": config}, error=LoadError,
         context=" while planning")]
@@ -147,7 +149,8 @@ class _Planner:
         self.adapter_params = set(getattr(model, "diffulex_lora_parameters", None) or ())
         for _, names in collect_results(hook.diffulex_expected_missing, {"model": model}, error=LoadError):
             self.expected_missing += list(names)
-        self.ignored = [(p, f"{model_name}.ignored_checkpoint_keys") for p in getattr(model, "ignored_checkpoint_keys", None) or ()]
+        self.ignored = [(p, f"{model_name}.ignored_checkpoint_keys")
+                        for p in getattr(model, "ignored_checkpoint_keys", None) or ()]
         for plugin, names in collect_results(hook.diffulex_ignored_checkpoint_keys, {"model": model}, error=LoadError):
             self.ignored += [(p, f"plugin {plugin!r}") for p in names]
         self._guard: Callable | None = None
@@ -165,14 +168,16 @@ class _Planner:
 
     def resolve(self, name: str) -> tuple[Target | None, str, str | None]:
         """(destination, rule, note) for one checkpoint name, in the documented order."""
-        ctx = LoadContext(full_name=name, **self.ctx_fields) if self.resolve_hook is not None or self.dests.resolvers else None
+        asks = self.resolve_hook is not None or self.dests.resolvers
+        ctx = LoadContext(full_name=name, **self.ctx_fields) if asks else None
         if self.resolve_hook is not None:
             plugin, spec = first_result(self.resolve_hook, {"model": self.model, "name": name, "ctx": ctx},
                                         error=LoadError, context=f" (tensor {name!r})")
             if spec is not None:
                 rule = f"plugin:{plugin}"
                 if not isinstance(spec, ResolvedWeight):  # Diffulex's own is converted, anything else refused
-                    spec = as_resolved_weight(spec, f"{plugin_label(self.manager, plugin)}: diffulex_resolve_weight", name)
+                    who = f"{plugin_label(self.manager, plugin)}: diffulex_resolve_weight"
+                    spec = as_resolved_weight(spec, who, name)
                 return self.dests.target(spec, name, rule), rule, None
         found = self.dests.module_resolver(name, ctx) if ctx is not None else None
         if found is not None:
@@ -262,7 +267,8 @@ class _Planner:
         if target is None:
             placement = TensorPlacement(*base, "unexpected", None, rule, None, note)
             report.add_problem("unexpected", f"unexpected tensor {record.name!r} in {record.file.name}: nothing in "
-                                             f"{type(self.model).__qualname__} takes it" + (f" ({note})" if note else ""))
+                                             f"{type(self.model).__qualname__} takes it"
+                                             + (f" ({note})" if note else ""))
         elif target.kind == "empty":
             placement = TensorPlacement(*base, "rejected", None, rule, None, target.note)
             report.add_problem("rejected", f"tensor {record.name!r} in {record.file.name}: {target.note}")
@@ -381,7 +387,8 @@ def _records(files: CheckpointFiles, open_files: OpenFiles) -> list[TensorRecord
         absent = sorted(set(files.index) - set(seen))
         if absent:
             raise CheckpointFormatError(
-                f"the index names {len(absent)} tensor(s) its files lack, e.g. {absent[0]!r} in {files.index[absent[0]]}"
+                f"the index names {len(absent)} tensor(s) its files lack, e.g. {absent[0]!r} in "
+                f"{files.index[absent[0]]}"
             )
     return records
 

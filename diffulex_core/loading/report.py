@@ -74,7 +74,7 @@ class LoadReport:
         self.problem_kinds.append(kind)
 
     def problems_of(self, *kinds: str) -> list[str]:
-        return [p for p, k in zip(self.problems, self.problem_kinds) if k in kinds]
+        return [p for p, k in zip(self.problems, self.problem_kinds, strict=True) if k in kinds]
 
     @property
     def ok(self) -> bool:
@@ -116,10 +116,12 @@ class LoadReport:
         return {
             "checkpoint": self.checkpoint, "files": self.files, "strict": self.strict, "ok": self.ok,
             "applied": self.applied, "loaded_by_source": self.loaded_by_source, "skipped": self.skipped,
-            "unexpected": self.unexpected, "missing": self.missing, "problems": self.problems, "problem_kinds": self.problem_kinds,
+            "unexpected": self.unexpected, "missing": self.missing, "problems": self.problems,
+            "problem_kinds": self.problem_kinds,
             "written_by_loaders": self.written_by_loaders, "notes": self.notes,
             "bytes_total": self.bytes_total, "bytes_read": self.bytes_read, "plan_seconds": self.plan_seconds,
             "apply_seconds": self.apply_seconds, "gib_per_s": self.gib_per_s, "parallel": dict(self.parallel),
-            "read_paths": self.read_paths, "partial": self.partial, "lora": self.lora.to_dict() if self.lora is not None else None,
+            "read_paths": self.read_paths, "partial": self.partial,
+            "lora": self.lora.to_dict() if self.lora is not None else None,
             "tensors": [p.to_dict() for p in self.placements],
         }

@@ -22,7 +22,8 @@ __all__ = ["WHOLE", "Layout", "castable", "declared_layout", "default_weight_loa
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     """Copy ``loaded_weight`` into ``param`` (casting dtype, moving device); shapes must match."""
     if tuple(param.shape) != tuple(loaded_weight.shape):
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint tensor {tuple(loaded_weight.shape)}")
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)}, checkpoint tensor "
+                         f"{tuple(loaded_weight.shape)}")
     param.data.copy_(loaded_weight)
 
 
@@ -49,7 +50,8 @@ def load_into(dest: torch.Tensor, storage: torch.Tensor, tensor: torch.Tensor, s
     if shard_id is not None:
         weight_loader = getattr(dest, "weight_loader", None)
         if weight_loader is None:
-            raise WeightSpecError(f"shard id {shard_id!r} given but the parameter has no weight_loader(param, tensor, shard_id)")
+            raise WeightSpecError(f"shard id {shard_id!r} given but the parameter has no weight_loader(param, tensor, "
+                                  "shard_id)")
         weight_loader(storage, tensor, shard_id)
         return
     weight_loader = whole_tensor_loader(dest)
@@ -114,6 +116,7 @@ def declared_layout(dest: torch.Tensor, name: str, record: TensorRecord,
                 f"shape {list(target.shape)}"), None
     offset = target.storage_offset() - dest.storage_offset()
     if (target.untyped_storage()._cdata != dest.untyped_storage()._cdata or target.dtype != dest.dtype
-            or not (target.is_contiguous() and dest.is_contiguous()) or not 0 <= offset <= dest.numel() - target.numel()):
+            or not (target.is_contiguous() and dest.is_contiguous())
+            or not 0 <= offset <= dest.numel() - target.numel()):
         return None, None
     return None, Layout(offset, tuple(ranges))

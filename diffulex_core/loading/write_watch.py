@@ -27,7 +27,8 @@ def _write_arguments(func: Any) -> tuple[tuple[int, str], ...]:
     written = _WRITE_ARGUMENTS.get(func)
     if written is None:
         written = _WRITE_ARGUMENTS[func] = tuple(
-            (i, a.name) for i, a in enumerate(func._schema.arguments) if a.alias_info is not None and a.alias_info.is_write)
+            (i, a.name) for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write)
     return written
 
 
@@ -52,7 +53,7 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int, int]:
     """(storage address, first byte, end byte) of the memory ``t`` can reach."""
     if t.numel() == 0:
         return 0, 0, 0
-    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
     start = t.storage_offset() * t.element_size()
     return t.untyped_storage().data_ptr(), start, start + extent * t.element_size()
 

@@ -31,8 +31,9 @@ from torch import nn
 
 from diffulex_core.checkpoint import WeightDestination
 from diffulex_core.errors import LoadApplyError, LoraAdapterError, LoraError, LoraWarning
+from diffulex_core.files.finding import find_checkpoint_files
 from diffulex_core.files.handles import OpenFiles
-from diffulex_core.files.headers import find_checkpoint_files, read_records
+from diffulex_core.files.headers import read_records
 from diffulex_core.loading.packed_mapping import PackedMapping
 from diffulex_core.loading.planning import model_packed_mapping
 from diffulex_core.loading.ties import tie_keys
@@ -255,7 +256,8 @@ def _destination(module: nn.Module, slot: LoraSlot, part: str, shape: tuple[int,
         expected[split] = local * tp_size
         source = ((split, int(getattr(module, "tp_rank", 0)) * local, local),)
     if tuple(shape) != tuple(expected):
-        raise ValueError(f"expected lora_{part} of shape {tuple(expected)} (rank {slot.r}) but the adapter has {tuple(shape)}")
+        raise ValueError(f"expected lora_{part} of shape {tuple(expected)} (rank {slot.r}) but the adapter has "
+                         f"{tuple(shape)}")
     return WeightDestination(param.data, source)
 
 
@@ -364,7 +366,8 @@ def _slot_problems(by_slot: dict[tuple[str, Any], _SlotTensors], adapter: _Adapt
                 continue
             shape = tuple(adapter.tensors[tensor_name].shape)
             if len(shape) != 2 or shape[dim] != slot.r:
-                problems.append(f"adapter tensor {tensor_name} ({adapter.file_of[tensor_name]}) has shape {list(shape)}, "
+                problems.append(f"adapter tensor {tensor_name} ({adapter.file_of[tensor_name]}) has shape "
+                                f"{list(shape)}, "
                                 f"but {config.source} gives {slot.adapter_name} rank r={slot.r}")
         previous = enabled.get(key)
         if previous is not None and previous.r != slot.r:
@@ -375,7 +378,8 @@ def _slot_problems(by_slot: dict[tuple[str, Any], _SlotTensors], adapter: _Adapt
                             f"{config.targets_text} but the adapter has no tensors for it")
     for key, slot in enabled.items():
         if key not in by_slot and key not in (targeted or {}):
-            problems.append(f"{slot.module} has a LoRA adapter (enable_lora_for_model) but this adapter has no tensors for it")
+            problems.append(f"{slot.module} has a LoRA adapter (enable_lora_for_model) but this adapter has no "
+                            "tensors for it")
     return problems
 
 
@@ -431,7 +435,8 @@ def _check_destinations(model: nn.Module, names: AdapterNames, adapter: _Adapter
                         else _destination(module, entry.slot, part, shape))
                 narrowed = _narrowed(shape, tuple(dest.source))
                 if narrowed != tuple(dest.target.shape):
-                    raise ValueError(f"its narrowed shape {narrowed} does not fit the destination {tuple(dest.target.shape)}")
+                    raise ValueError(f"its narrowed shape {narrowed} does not fit the destination "
+                                     f"{tuple(dest.target.shape)}")
             except Exception as exc:
                 problems.append(f"adapter tensor {tensor_name} ({adapter.file_of[tensor_name]}) does not fit module "
                                 f"{entry.slot.module}: {exc}")
@@ -442,7 +447,8 @@ def _check_destinations(model: nn.Module, names: AdapterNames, adapter: _Adapter
                             f"load this adapter unmerged")
         if merge:
             weight_name = f"{entry.slot.module}.weight" if entry.slot.module else "weight"
-            shared = sorted(n for n, k in ties.items() if weight_name in ties and k == ties[weight_name] and n != weight_name)
+            shared = sorted(n for n, k in ties.items()
+                            if weight_name in ties and k == ties[weight_name] and n != weight_name)
             if shared:
                 problems.append(f"pre-merging into {weight_name} would change {', '.join(shared)} too (tied weights); "
                                 f"load this adapter unmerged")

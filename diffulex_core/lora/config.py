@@ -67,7 +67,8 @@ def _compiles(pattern: str, what: str, source: str) -> None:
 
 def _number(value: Any, field_name: str, source: str, *, integer: bool = False, positive: bool = True) -> Any:
     ok_type = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or (isinstance(value, float) and not math.isfinite(value)):
+    if (isinstance(value, bool) or not isinstance(value, ok_type)
+            or (isinstance(value, float) and not math.isfinite(value))):
         kind = "an integer" if integer else "a number"
         raise LoraConfigError(f"{source}: {field_name} must be {kind}, got {value!r}")
     if positive and value <= 0:
@@ -104,7 +105,8 @@ def _refuse_unsupported(data: dict[str, Any], source: str) -> None:
     if not _empty(data.get("modules_to_save")):
         raise LoraConfigError(f"{source}: modules_to_save={data['modules_to_save']!r} is not supported: those "
                               f"modules are replaced whole by the adapter; merge them into the base checkpoint")
-    unknown = sorted(k for k, v in data.items() if k not in _READ | _IGNORED | set(_UNSUPPORTED_UNLESS) and not _empty(v))
+    known = _READ | _IGNORED | set(_UNSUPPORTED_UNLESS)
+    unknown = sorted(k for k, v in data.items() if k not in known and not _empty(v))
     if unknown:
         raise LoraConfigError(f"{source}: unknown field(s) {unknown} set; this version cannot tell whether they "
                               f"change what the adapter computes")
@@ -157,19 +159,24 @@ class LoraConfig(Mapping):
         layers = data.get("layers_to_transform")
         if isinstance(layers, int) and not isinstance(layers, bool):
             layers = [layers]
-        if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
-            raise LoraConfigError(f"{source}: layers_to_transform must be an integer or a list of integers, got {layers!r}")
+        if layers is not None and not (
+                isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+            raise LoraConfigError(f"{source}: layers_to_transform must be an integer or a list of integers, got "
+                                  f"{layers!r}")
         layers_pattern = data.get("layers_pattern")
         if isinstance(layers_pattern, str):
             layers_pattern = [layers_pattern]
-        if layers_pattern is not None and not (isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern)):
-            raise LoraConfigError(f"{source}: layers_pattern must be a string or a list of strings, got {layers_pattern!r}")
+        if layers_pattern is not None and not (
+                isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern)):
+            raise LoraConfigError(f"{source}: layers_pattern must be a string or a list of strings, got "
+                                  f"{layers_pattern!r}")
         target = _names(data.get("target_modules"), "target_modules", source)
         raw = {**SEED_DEFAULTS, **data}
         return cls(
             r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=target,
             exclude_modules=_names(data.get("exclude_modules"), "exclude_modules", source),
-            use_rslora=flags["use_rslora"], rank_pattern=_pattern(data.get("rank_pattern"), "rank_pattern", source, True),
+            use_rslora=flags["use_rslora"],
+            rank_pattern=_pattern(data.get("rank_pattern"), "rank_pattern", source, True),
             alpha_pattern=_pattern(data.get("alpha_pattern"), "alpha_pattern", source, False),
             fan_in_fan_out=flags["fan_in_fan_out"], layers_to_transform=tuple(layers) if layers else None,
             layers_pattern=tuple(layers_pattern) if layers_pattern else None, source=source, raw=raw,

@@ -12,9 +12,9 @@ from typing import Any
 __all__ = ["write_lora_adapter"]
 
 
-def write_lora_adapter(directory: str | Path, adapters: Mapping[str, tuple[Any, Any]], *, lora_alpha: float | None = None,
-                       target_modules: list[str] | str | None = None, embeddings: tuple[str, ...] = (),
-                       **config: Any) -> Path:
+def write_lora_adapter(directory: str | Path, adapters: Mapping[str, tuple[Any, Any]], *,
+                       lora_alpha: float | None = None, target_modules: list[str] | str | None = None,
+                       embeddings: tuple[str, ...] = (), **config: Any) -> Path:
     """Write a LoRA adapter as PEFT saves one and return ``directory``.
 
     ``adapters`` maps each adapted module's checkpoint name (``model.layers.0.self_attn.q_proj``)

@@ -12,6 +12,8 @@ from diffulex_core.errors import TokenizerLoadError
 from diffulex_core.hookspecs import hookimpl
 from diffulex_core.special_tokens import STANDARD_SPECIAL_TOKENS
 
+__all__ = ["PLUGIN_NAME", "diffulex_fix_tokenizer"]
+
 PLUGIN_NAME = "diffulex-core"
 
 

@@ -95,7 +95,8 @@ class _Discovery:
 
         self.manager = new_manager()
         core = PluginInfo(builtin_fixups.PLUGIN_NAME, builtin_fixups.__name__, "diffulex-core", __version__)
-        self._register(builtin_fixups, core, scratch_manager(builtin_fixups, core.name))  # not an entry point: always on
+        # not an entry point: always on
+        self._register(builtin_fixups, core, scratch_manager(builtin_fixups, core.name))
         self.registry = FamilyRegistry()
         self.loaded: list[PluginInfo] = []
         self.disabled: list[PluginInfo] = []
@@ -107,7 +108,8 @@ class _Discovery:
             for missing in sorted(n for n in allow if not any(matches(info, {n}) for info, _ in found)):
                 info = PluginInfo(name=missing, value="", distribution=None, version=None)
                 installed = ", ".join(i.name for i, _ in found) or "(none)"
-                self._fail(info, "not_installed", f"{ENV_ALLOW} names {missing!r}, which is not installed; installed: {installed}")
+                self._fail(info, "not_installed", f"{ENV_ALLOW} names {missing!r}, which is not installed; installed: "
+                                                  f"{installed}")
         for info, ep in found:
             if (allow is not None and not matches(info, allow)) or matches(info, block):
                 self.disabled.append(info)
@@ -155,7 +157,8 @@ class _Discovery:
         except Exception as exc:  # the plugin is withdrawn whole, its families with it
             self.manager.unregister(name=info.name)
             cause = exc.__cause__ if isinstance(exc, PluginHookError) else exc
-            self._fail(info, "register_families", f"diffulex_register_families raised {type(cause).__name__}: {cause}", exc)
+            self._fail(info, "register_families",
+                       f"diffulex_register_families raised {type(cause).__name__}: {cause}", exc)
             return
         hooks = tuple(sorted(c.name for c in self.manager.get_hookcallers(hooks_of) or ()))
         self.loaded.append(replace(info, hooks=hooks))

@@ -28,7 +28,8 @@ def new_manager() -> pluggy.PluginManager:
 SPEC_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("diffulex_"))
 # Hook wrappers make sense where pluggy hands on one answer (firstresult); see hookspecs.py.
 WRAPPABLE_HOOKS = tuple(n for n in SPEC_NAMES
-                        if (getattr(getattr(hookspecs, n), f"{hookspecs.PROJECT_NAME}_spec", None) or {}).get("firstresult"))
+                        if (getattr(getattr(hookspecs, n), f"{hookspecs.PROJECT_NAME}_spec", None) or {})
+                        .get("firstresult"))
 
 
 def validate_plugin(obj: Any, info: PluginInfo) -> pluggy.PluginManager:
@@ -61,7 +62,8 @@ def validate_plugin(obj: Any, info: PluginInfo) -> pluggy.PluginManager:
                 and value not in marked
             ):
                 raise pluggy.PluginValidationError(
-                    obj, f"{attr}() in {obj.__name__} is not marked with @diffulex_core.hookimpl and would never be called"
+                    obj, f"{attr}() in {obj.__name__} is not marked with @diffulex_core.hookimpl and would never be "
+                         "called"
                 )
     return scratch
 

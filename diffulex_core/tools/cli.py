@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from diffulex_core.errors import DiffulexError
 
+__all__ = ["build_parser", "main"]
+
 
 def _print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False)
@@ -31,7 +33,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for family in info.families:
             print(f"    family {family} -> {entries[family].factory_name}")
     for info in plugins.disabled:
-        print(f"  {info.name}  {info.distribution} {info.version}  disabled by DIFFULEX_PLUGINS/DIFFULEX_DISABLE_PLUGINS")
+        print(f"  {info.name}  {info.distribution} {info.version}  disabled by "
+              "DIFFULEX_PLUGINS/DIFFULEX_DISABLE_PLUGINS")
     for failure in plugins.failures:
         print(f"  FAILED {failure.describe()}")
     return 0
@@ -95,7 +98,8 @@ def _print_report(report, *, show_tensors: bool) -> None:
     for module, adapters in (report.lora.modules if report.lora is not None else {}).items():
         for a in adapters:
             shard = f" [shard {a['shard_id']!r}]" if a["shard_id"] is not None else ""
-            print(f"  lora {a['adapter']} -> {module}{shard}  r={a['r']} alpha={a['lora_alpha']:g} scaling={a['scaling']:.4g}")
+            print(f"  lora {a['adapter']} -> {module}{shard}  r={a['r']} alpha={a['lora_alpha']:g} "
+                  f"scaling={a['scaling']:.4g}")
     print(report.summary())
 
 
@@ -134,7 +138,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     # The adapter is checked (and its adapters added, on the meta device) before the base load.
     prepared = prepare_lora(model, args.lora, merge=args.merge) if args.lora else None
     try:
-        report = load_checkpoint(model, args.checkpoint, family=args.family, device=args.device, strict=not args.no_strict)
+        report = load_checkpoint(model, args.checkpoint, family=args.family, device=args.device,
+                                 strict=not args.no_strict)
     except LoadPlanError as exc:
         if args.json:
             _print_json({"model": info, **exc.report.to_dict(), **_failure(args, exc)})

@@ -259,7 +259,7 @@ def _run(scratch: Path, family: str | None, checkpoint: str | Path | None, lora:
     outputs, log = decode(model, tokenizer, PROMPTS, mask_id=mask_id, eos_ids=eos_ids, vocab_limit=vocab_limit,
                           device=device)
     outputs.convert_to_text(tokenizer)
-    for entry_log, traj in zip(log, outputs.trajectories):
+    for entry_log, traj in zip(log, outputs.trajectories, strict=True):
         entry_log.update(text=traj.text, full_text=traj.full_text, token_ids=list(traj.token_ids),
                          completion_reason=traj.completion_reason)
     result["decoding"] = {"gen_length": GEN_LENGTH, "tokens_per_step": TOKENS_PER_STEP,

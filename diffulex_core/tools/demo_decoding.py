@@ -109,7 +109,7 @@ def decode(model: Any, tokenizer: Any, prompts: tuple[str, ...], *, mask_id: int
         prompt_ids.append(ids)
     reqs = [DemoRequest(req_id=i, num_prompt_tokens=len(ids), running_token_ids=[mask_id] * gen_length,
                         eos_token_ids=eos_ids, mask_token_id=mask_id) for i, ids in enumerate(prompt_ids)]
-    log = [{"prompt": p, "prompt_token_ids": ids, "steps": []} for p, ids in zip(prompts, prompt_ids)]
+    log = [{"prompt": p, "prompt_token_ids": ids, "steps": []} for p, ids in zip(prompts, prompt_ids, strict=True)]
     step = 0
     with torch.no_grad():
         while not all(r.is_finished for r in reqs):

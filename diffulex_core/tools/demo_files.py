@@ -71,7 +71,8 @@ def write_demo_lora(directory: str | Path, checkpoint: str | Path, *, seed: int 
     (small random A and B); (None, []) when it has none."""
     import torch
 
-    from diffulex_core.files.headers import find_checkpoint_files, read_records
+    from diffulex_core.files.finding import find_checkpoint_files
+    from diffulex_core.files.headers import read_records
     from diffulex_core.lora.writer import write_lora_adapter
 
     shapes = {}

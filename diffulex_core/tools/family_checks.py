@@ -132,7 +132,8 @@ def _round_trip(result: CheckResult, name: str, factory: Any, example: FamilyExa
 def _plan_problems(report: Any) -> str:
     parts = [f"checkpoint tensor {n} is unexpected (nothing in the model takes it)" for n in report.unexpected]
     parts += [f"{n} is missing (no checkpoint tensor writes it)" for n in report.missing]
-    parts += [p for p, kind in zip(report.problems, report.problem_kinds) if kind not in ("unexpected", "missing")]
+    parts += [p for p, kind in zip(report.problems, report.problem_kinds, strict=True)
+              if kind not in ("unexpected", "missing")]
     more = f"; ... and {len(parts) - MAX_LISTED} more" if len(parts) > MAX_LISTED else ""
     return "the load plan is not clean: " + "; ".join(parts[:MAX_LISTED]) + more
 
@@ -229,7 +230,8 @@ def _differences(expected: Any, actual: Any, where: str = "output") -> list[str]
     if isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple)):
         if len(expected) != len(actual):
             return [f"{where} has {len(actual)} items, the source's {len(expected)}"]
-        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _differences(e, a, f"{where}[{i}]")]
+        return [d for i, (e, a) in enumerate(zip(expected, actual, strict=True))
+                for d in _differences(e, a, f"{where}[{i}]")]
     if hasattr(expected, "__dict__") and type(expected) is type(actual) and not callable(expected):
         return _differences(vars(expected), vars(actual), where)
     try:

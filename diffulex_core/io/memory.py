@@ -1,0 +1,29 @@
+"""Small memory helpers the byte movers share. Imports neither torch nor the rest of diffulex_core,
+so any module may use them (``checkpoint`` imports without torch)."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Iterable
+
+__all__ = ["memory_at", "narrowed"]
+
+
+def memory_at(address: int, nbytes: int) -> memoryview:
+    """Writable bytes at ``address`` (a tensor's storage, a pinned buffer, a mapped file), not owned.
+
+    ``os.preadv`` fills a memoryview in place, so reads land in the destination with no copy;
+    the caller keeps the memory alive while the view is used.
+    """
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def narrowed(value: Any, narrows: Iterable[tuple[int, int, int]]) -> Any:
+    """``value`` (a tensor or a ``CheckpointSlice``) narrowed by each ``(dim, start, length)`` in order.
+
+    The form ``WeightDestination.source`` declares; a slice narrowed this way still reads only
+    the bytes it keeps.
+    """
+    for dim, start, length in narrows:
+        value = value.narrow(dim, start, length)
+    return value
