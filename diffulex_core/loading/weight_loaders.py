@@ -13,6 +13,7 @@ import torch
 from diffulex_core.checkpoint import WeightDestination
 from diffulex_core.errors import WeightSpecError
 from diffulex_core.files.headers import TensorRecord
+from diffulex_core.io.memory import narrowed_ranges
 from diffulex_core.io.slices import accepts_checkpoint_slice
 
 __all__ = ["WHOLE", "Layout", "castable", "declared_layout", "default_weight_loader", "load_into", "takes_slice",
@@ -105,11 +106,10 @@ def declared_layout(dest: torch.Tensor, name: str, record: TensorRecord,
         return f"{declared} raised {type(exc).__name__}: {exc}", None
     if not isinstance(found, WeightDestination):
         return f"{declared} returned {type(found).__name__}, not a WeightDestination", None
-    ranges = [(0, n) for n in record.shape]
-    for dim, start, length in found.source:
-        if not (0 <= dim < len(ranges) and start >= 0 and length >= 0 and start + length <= ranges[dim][1]):
-            return f"{declared} narrows ({dim}, {start}, {length}) outside shape {list(record.shape)}", None
-        ranges[dim] = (ranges[dim][0] + start, length)
+    ranges, outside = narrowed_ranges(record.shape, found.source)
+    if outside is not None:
+        dim, start, length = outside
+        return f"{declared} narrows ({dim}, {start}, {length}) outside shape {list(record.shape)}", None
     target = found.target
     if tuple(length for _, length in ranges) != tuple(target.shape):
         return (f"{declared} takes a part of shape {[n for _, n in ranges]} into a destination of "

@@ -19,7 +19,6 @@ bundled ``diffulex_layers`` do, which is how packed layers take per-shard adapte
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from diffulex_core.errors import LoadApplyError, LoraAdapterError, LoraError, Lo
 from diffulex_core.files.finding import find_checkpoint_files
 from diffulex_core.files.handles import OpenFiles
 from diffulex_core.files.headers import read_records
+from diffulex_core.io.memory import narrowed_ranges
+from diffulex_core.io.reader import read_record
 from diffulex_core.loading.packed_mapping import PackedMapping
 from diffulex_core.loading.planning import model_packed_mapping
 from diffulex_core.loading.ties import tie_keys
@@ -202,11 +203,10 @@ def _read_adapter(lora_path: Path) -> _AdapterTensors:
             for record in read_records(path, fd):
                 if record.name in tensors:
                     raise LoraAdapterError(f"adapter tensor {record.name} is in both {file_of[record.name]} and {path}")
-                data = bytearray(os.pread(fd, record.nbytes, record.start)) if record.nbytes else bytearray()
-                if len(data) != record.nbytes:
-                    raise LoraAdapterError(f"adapter file {path} ended while reading tensor {record.name}")
-                flat = torch.frombuffer(data, dtype=record.dtype) if data else torch.empty(0, dtype=record.dtype)
-                tensors[record.name] = flat.reshape(record.shape)
+                try:
+                    tensors[record.name] = read_record(fd, record)
+                except LoadApplyError as exc:  # a short file or an I/O error, named as an adapter problem
+                    raise LoraAdapterError(f"adapter file {path}: reading tensor {record.name} failed: {exc}") from exc
                 file_of[record.name] = str(path)
                 total += record.nbytes
         files.check_unchanged()
@@ -232,15 +232,6 @@ class _SlotTensors:
     A: str | None = None
     B: str | None = None
     base: str | None = None
-
-
-def _narrowed(shape: tuple[int, ...], source: tuple[tuple[int, int, int], ...]) -> tuple[int, ...] | None:
-    out = list(shape)
-    for dim, start, length in source:
-        if not (0 <= dim < len(out)) or start < 0 or start + length > out[dim]:
-            return None
-        out[dim] = length
-    return tuple(out)
 
 
 def _destination(module: nn.Module, slot: LoraSlot, part: str, shape: tuple[int, ...]) -> WeightDestination:
@@ -433,7 +424,8 @@ def _check_destinations(model: nn.Module, names: AdapterNames, adapter: _Adapter
             try:
                 dest = (_base_destination(module, entry.slot.module, shape) if part == "base"
                         else _destination(module, entry.slot, part, shape))
-                narrowed = _narrowed(shape, tuple(dest.source))
+                ranges, outside = narrowed_ranges(shape, dest.source)
+                narrowed = None if outside is not None else tuple(length for _, length in ranges)
                 if narrowed != tuple(dest.target.shape):
                     raise ValueError(f"its narrowed shape {narrowed} does not fit the destination "
                                      f"{tuple(dest.target.shape)}")
