@@ -251,7 +251,7 @@ class _Planner:
         for record in _records(files, open_files):
             items.append(self.place(record, len(items), items, tally, report))
         report.placements = [item.placement for item in items]
-        pending = self.report_unwritten(report, tally)
+        pending = _report_unwritten(self, report, tally)
         report.bytes_total = sum(i.record.nbytes for i in items if i.placement.kind in WRITTEN_KINDS)
         report.plan_seconds = time.perf_counter() - started
         return LoadPlan(files, items, report, self.dests, open_files, pending, list(tally.aliases.values()))
@@ -313,51 +313,53 @@ class _Planner:
             placement = TensorPlacement(*base, target.kind, target.name, rule, target.shard_id, note)
         return placement, layout, deferral is not None
 
-    def report_unwritten(self, report: LoadReport, tally: _Tally) -> list[str]:
-        """Meta buffers without values and parameters nothing writes, as problems; the parameters left
-        to undeclared loaders (watched when applied) are returned instead."""
-        model_name = type(self.model).__qualname__
-        without_values = self.meta_buffers_without_values(tally.written, tally.covered)
-        for name in without_values:
-            report.add_problem("no_values", (
-                f"buffer {name!r} is on the meta device and no checkpoint tensor writes it: materializing "
-                f"{model_name} would leave it without values (a cache computed in __init__, such as a rotary "
-                f"cos/sin table). Build the model under diffulex_core.empty_weights.init_empty_weights() "
-                f"(parameters on meta, buffers computed), or name it in its module's {REBUILT_BUFFERS} "
-                f"if the module recomputes it when moved"))
-        no_values = set(without_values)
-        unwritten = [n for n in self.unwritten(tally.written, tally.covered) if n not in no_values]
-        if tally.undeclared_loaders and unwritten:
-            report.notes.append(f"{len(unwritten)} parameter(s) no declared destination writes, e.g. {unwritten[0]!r}, "
-                                f"are left to {tally.undeclared_loaders} loader(s) that do not declare what they "
-                                f"write; the apply step watches what they write, and whatever they leave is missing")
-            return unwritten
-        report.missing = unwritten
-        for name in unwritten:
-            report.add_problem("missing", f"{name} is not written by any checkpoint tensor (missing)")
-        return []
 
-    def meta_buffers_without_values(self, written: set, covered: set[str]) -> list[str]:
-        """Buffers on the meta device that nothing writes and that their module does not rebuild."""
-        keys = self.dests.tie_keys
-        return [name for name, buffer in self.dests.buffers.items()
-                if buffer.is_meta and keys[name] not in written and name not in covered
-                and name not in self.dests.rebuilt_buffers]
 
-    def unwritten(self, written: set, covered: set[str]) -> list[str]:
-        """Parameters and persistent buffers nothing writes; tied ones (one object or one storage) count once."""
-        seen: set = set()
-        out = []
-        keys = self.dests.tie_keys
-        for name in self.dests.persistent():
-            key = keys[name]
-            if key in seen:
-                continue
-            seen.add(key)
-            if key not in written and name not in covered and name not in self.adapter_params and not any(
-                    fnmatch.fnmatchcase(name, pattern) for pattern in self.expected_missing):
-                out.append(name)
-        return out
+def _report_unwritten(planner: _Planner, report: LoadReport, tally: _Tally) -> list[str]:
+    """Meta buffers without values and parameters nothing writes, as problems; the parameters left
+    to undeclared loaders (watched when applied) are returned instead."""
+    model_name = type(planner.model).__qualname__
+    without_values = _meta_buffers_without_values(planner, tally.written, tally.covered)
+    for name in without_values:
+        report.add_problem("no_values", (
+            f"buffer {name!r} is on the meta device and no checkpoint tensor writes it: materializing "
+            f"{model_name} would leave it without values (a cache computed in __init__, such as a rotary "
+            f"cos/sin table). Build the model under diffulex_core.empty_weights.init_empty_weights() "
+            f"(parameters on meta, buffers computed), or name it in its module's {REBUILT_BUFFERS} "
+            f"if the module recomputes it when moved"))
+    no_values = set(without_values)
+    unwritten = [n for n in _unwritten(planner, tally.written, tally.covered) if n not in no_values]
+    if tally.undeclared_loaders and unwritten:
+        report.notes.append(f"{len(unwritten)} parameter(s) no declared destination writes, e.g. {unwritten[0]!r}, "
+                            f"are left to {tally.undeclared_loaders} loader(s) that do not declare what they "
+                            f"write; the apply step watches what they write, and whatever they leave is missing")
+        return unwritten
+    report.missing = unwritten
+    for name in unwritten:
+        report.add_problem("missing", f"{name} is not written by any checkpoint tensor (missing)")
+    return []
+
+def _meta_buffers_without_values(planner: _Planner, written: set, covered: set[str]) -> list[str]:
+    """Buffers on the meta device that nothing writes and that their module does not rebuild."""
+    keys = planner.dests.tie_keys
+    return [name for name, buffer in planner.dests.buffers.items()
+            if buffer.is_meta and keys[name] not in written and name not in covered
+            and name not in planner.dests.rebuilt_buffers]
+
+def _unwritten(planner: _Planner, written: set, covered: set[str]) -> list[str]:
+    """Parameters and persistent buffers nothing writes; tied ones (one object or one storage) count once."""
+    seen: set = set()
+    out = []
+    keys = planner.dests.tie_keys
+    for name in planner.dests.persistent():
+        key = keys[name]
+        if key in seen:
+            continue
+        seen.add(key)
+        if key not in written and name not in covered and name not in planner.adapter_params and not any(
+                fnmatch.fnmatchcase(name, pattern) for pattern in planner.expected_missing):
+            out.append(name)
+    return out
 
 
 def _records(files: CheckpointFiles, open_files: OpenFiles) -> list[TensorRecord]:
