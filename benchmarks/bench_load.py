@@ -321,7 +321,8 @@ def run_case(case: str, path: Path, repeats: int, rss: bool) -> dict:
     specs = header_specs(path)
     model = Holder(specs)
     nbytes = model_bytes(model)
-    print(f"[{case}] {len(specs):,} tensors, {nbytes / GIB:.3f} GiB, file {path.stat().st_size / GIB:.3f} GiB", flush=True)
+    print(f"[{case}] {len(specs):,} tensors, {nbytes / GIB:.3f} GiB, file {path.stat().st_size / GIB:.3f} GiB",
+          flush=True)
     warm_page_cache(path)
 
     for approach, fn in APPROACHES.items():  # untimed: correctness, and first-use imports / plugin discovery
@@ -357,7 +358,8 @@ def run_case(case: str, path: Path, repeats: int, rss: bool) -> dict:
             seconds, plan = timed(plan_only, model, path)
             read = read_chars() - read_before if read_before is not None else None
             if plan.report.bytes_read != 0 or plan.report.problems:
-                raise SystemExit(f"tiny: plan read {plan.report.bytes_read} bytes / problems {plan.report.problems[:3]}")
+                raise SystemExit(f"tiny: plan read {plan.report.bytes_read} bytes / problems "
+                                 f"{plan.report.problems[:3]}")
             if read is not None and read > header_bytes + (1 << 20):
                 raise SystemExit(f"tiny: plan_checkpoint read {read:,} bytes; the header is {header_bytes:,}")
             plans.append(seconds)
@@ -513,6 +515,65 @@ def pinned_limit(gib: float = 1.0, repeats: int = 8) -> float:
     return gib * repeats / seconds
 
 
+def _ring_shapes(args) -> list[tuple[str, dict]]:
+    """(label, options) per ring shape of ``--ring-configs`` (``COUNTxMIB``)."""
+    rings = []
+    for shape in (part.strip() for part in args.ring_configs.split(",") if part.strip()):
+        count, _, mib = shape.partition("x")
+        rings.append((f"ring {count}x{mib}MiB", {"ring_buffers": int(count), "buffer_bytes": int(float(mib) * 2**20),
+                                                 "threads": args.threads}))
+    return rings
+
+
+def _time_contender(label, fn, model, paths, device, repeats) -> tuple[str, float | None, str]:
+    """(label, median seconds or None, note) of one contender, its result verified first."""
+    from diffulex_core.io.staging import StagingStats
+
+    if fn is None:
+        print(f"  {label}: skipped (needs CUDA)", flush=True)
+        return label, None, "skipped (needs CUDA)"
+    try:
+        zero_model(model)
+        sync(device)
+        fn(model, paths, device)
+        for path in paths:
+            verify(model, path, f"{label} ({path.name})", samples=8)
+        times = []
+        for _ in range(repeats):
+            gc.collect()
+            sync(device)
+            begin = time.perf_counter()
+            result = fn(model, paths, device)
+            times.append(time.perf_counter() - begin)
+        note = f"{result.threads} threads, staging {result.staging_bytes / 2**20:.0f} MiB" \
+            if isinstance(result, StagingStats) else ""
+        print(f"  {label}: {', '.join(f'{t:.3f}' for t in times)} s {note}", flush=True)
+        return label, statistics.median(times), note
+    except (Exception, SystemExit) as exc:  # one broken contender must not cost the others their run
+        print(f"  {label}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+        return label, None, f"FAILED: {type(exc).__name__}: {exc}"
+
+
+def _print_device_table(rows, gib_moved, paths, specs, repeats, device, dry, limit) -> None:
+    naive_s = rows[0][1]
+    print()
+    print(f"{gib_moved:.3f} GiB bf16 in {len(paths)} files, {len(specs)} tensors, median of {repeats}, "
+          f"page cache warm, model on {device}" + (" (DRY RUN: CPU, stand-in backend)" if dry else ""))
+    if limit is not None:
+        print(f"pinned host->device limit {limit:.1f} GiB/s")
+    header = f"{'contender':18s} {'s':>8s} {'GiB/s':>8s} {'x naive':>8s} {'% limit':>8s}  note"
+    print(header)
+    print("-" * len(header))
+    for label, seconds, note in rows:
+        if seconds is None:
+            print(f"{label:18s} {'-':>8s} {'-':>8s} {'-':>8s} {'-':>8s}  {note}")
+            continue
+        rate = gib_moved / seconds
+        ratio = f"{naive_s / seconds:7.2f}x" if naive_s else "-"
+        share = f"{100 * rate / limit:7.1f}%" if limit else "-"
+        print(f"{label:18s} {seconds:8.3f} {rate:8.2f} {ratio:>8s} {share:>8s}  {note}")
+
+
 def run_device_case(args) -> None:
     from diffulex_core.io import staging as device_staging
     from diffulex_core.testing.cpu_backend import CpuStandInBackend
@@ -523,17 +584,13 @@ def run_device_case(args) -> None:
                          f"--dry-run runs the same steps on the CPU")
     device = "cpu" if dry else "cuda:0"
     gib = args.cuda_gib if args.cuda_gib is not None else (0.05 if dry else 8.0)
-    rings = []  # (label, options) per ring shape to try
-    for shape in (part.strip() for part in args.ring_configs.split(",") if part.strip()):
-        count, _, mib = shape.partition("x")
-        rings.append((f"ring {count}x{mib}MiB", {"ring_buffers": int(count), "buffer_bytes": int(float(mib) * 2**20),
-                                                 "threads": args.threads}))
+    rings = _ring_shapes(args)
     tmp = Path(tempfile.mkdtemp(prefix="bench_load_cuda_", dir=args.tmp))
     try:
         start = time.perf_counter()
         shards = shard_specs(dense_specs(gib), args.cuda_files)
         paths = [tmp / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for path, shard in zip(paths, shards):
+        for path, shard in zip(paths, shards, strict=True):
             write_big(path, shard, torch.bfloat16)
             fsync(path)
         print(f"[{'dry-run' if dry else 'cuda'}] wrote {len(paths)} files in {time.perf_counter() - start:.1f} s",
@@ -572,50 +629,8 @@ def run_device_case(args) -> None:
                       "loader": device_loader,
                       **{label: ring_call(options) for label, options in rings},
                       "registered": None if dry else registered_call}
-        rows = []
-        for label, fn in contenders.items():
-            if fn is None:
-                print(f"  {label}: skipped (needs CUDA)", flush=True)
-                rows.append((label, None, "skipped (needs CUDA)"))
-                continue
-            try:
-                zero_model(model)
-                sync(device)
-                fn(model, paths, device)
-                for path in paths:
-                    verify(model, path, f"{label} ({path.name})", samples=8)
-                times = []
-                for _ in range(args.repeats):
-                    gc.collect()
-                    sync(device)
-                    begin = time.perf_counter()
-                    result = fn(model, paths, device)
-                    times.append(time.perf_counter() - begin)
-                note = f"{result.threads} threads, staging {result.staging_bytes / 2**20:.0f} MiB" \
-                    if isinstance(result, device_staging.StagingStats) else ""
-                rows.append((label, statistics.median(times), note))
-                print(f"  {label}: {', '.join(f'{t:.3f}' for t in times)} s {note}", flush=True)
-            except (Exception, SystemExit) as exc:  # one broken contender must not cost the others their run
-                rows.append((label, None, f"FAILED: {type(exc).__name__}: {exc}"))
-                print(f"  {label}: FAILED: {type(exc).__name__}: {exc}", flush=True)
-
-        naive_s = rows[0][1]
-        print()
-        print(f"{gib_moved:.3f} GiB bf16 in {len(paths)} files, {len(specs)} tensors, median of {args.repeats}, "
-              f"page cache warm, model on {device}" + (" (DRY RUN: CPU, stand-in backend)" if dry else ""))
-        if limit is not None:
-            print(f"pinned host->device limit {limit:.1f} GiB/s")
-        header = f"{'contender':18s} {'s':>8s} {'GiB/s':>8s} {'x naive':>8s} {'% limit':>8s}  note"
-        print(header)
-        print("-" * len(header))
-        for label, seconds, note in rows:
-            if seconds is None:
-                print(f"{label:18s} {'-':>8s} {'-':>8s} {'-':>8s} {'-':>8s}  {note}")
-                continue
-            rate = gib_moved / seconds
-            ratio = f"{naive_s / seconds:7.2f}x" if naive_s else "-"
-            share = f"{100 * rate / limit:7.1f}%" if limit else "-"
-            print(f"{label:18s} {seconds:8.3f} {rate:8.2f} {ratio:>8s} {share:>8s}  {note}")
+        rows = [_time_contender(label, fn, model, paths, device, args.repeats) for label, fn in contenders.items()]
+        _print_device_table(rows, gib_moved, paths, specs, args.repeats, device, dry, limit)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

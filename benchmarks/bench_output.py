@@ -191,47 +191,56 @@ class Engine:
             return self.torch.tensor(values, dtype=self.torch.int64)
         return values
 
+    def _grow(self, i: int) -> Any:
+        """Append one block of masks to request ``i``'s sequence; the sequence (a new object for arrays)."""
+        bs, seq = self.block_size, self.seqs[i]
+        start = len(seq)
+        if self.kind in LISTS:
+            seq.extend([MASK] * bs)
+        elif self.kind == "numpy":
+            seq = self.np.concatenate([seq, self.np.full(bs, MASK, dtype=self.np.int64)])
+        else:
+            seq = self.torch.cat([seq, self.torch.full((bs,), MASK, dtype=self.torch.int64)])
+        self.seqs[i] = seq
+        self.pools[i].extend(range(start, start + bs))
+        self.masked[i].extend(self._block_counts(bs))
+        return seq
+
+    def _unmask(self, seq: Any, pool: list[int], masked: list[int]) -> int:
+        """One decode step on one sequence: ``unmask`` positions change; how many were generated."""
+        rng, bs = self.rng, self.block_size
+        positions, values = [], []
+        window = min(len(pool), bs)  # the active block: the first masked positions
+        for j in sorted(rng.sample(range(window), min(self.unmask, window)), reverse=True):
+            positions.append(pool.pop(j))
+        while len(positions) < self.unmask:  # no mask left: redecode decoded tokens
+            p = rng.randrange(len(seq))
+            if p not in positions:
+                positions.append(p)
+        for p in positions:
+            old = int(seq[p])
+            new = rng.randrange(VOCAB)
+            while new == MASK or new == old:  # a token id, and a change
+                new = rng.randrange(VOCAB)
+            values.append(new)
+            if old == MASK:
+                masked[p // bs] -= 1
+        if self.kind in LISTS:
+            for p, v in zip(positions, values, strict=True):
+                seq[p] = v
+        else:
+            seq[positions] = self._container(values)
+        return len(positions)
+
     def advance(self, step: int) -> list[Req]:
         """Mutate every request's sequence for ``step`` and return the requests to record."""
-        rng, bs = self.rng, self.block_size
+        bs = self.block_size
         last = step == self.steps - 1
         for i, req in enumerate(self.reqs):
             seq, pool, masked = self.seqs[i], self.pools[i], self.masked[i]
             if step > 0 and self.grow_every > 0 and step % self.grow_every == 0:
-                start = len(seq)
-                if self.kind in LISTS:
-                    seq.extend([MASK] * bs)
-                elif self.kind == "numpy":
-                    seq = self.np.concatenate([seq, self.np.full(bs, MASK, dtype=self.np.int64)])
-                else:
-                    seq = self.torch.cat([seq, self.torch.full((bs,), MASK, dtype=self.torch.int64)])
-                self.seqs[i] = seq
-                pool.extend(range(start, start + bs))
-                masked.extend(self._block_counts(bs))
-            generated = 0
-            if step > 0:
-                positions, values = [], []
-                window = min(len(pool), bs)  # the active block: the first masked positions
-                for j in sorted(rng.sample(range(window), min(self.unmask, window)), reverse=True):
-                    positions.append(pool.pop(j))
-                while len(positions) < self.unmask:  # no mask left: redecode decoded tokens
-                    p = rng.randrange(len(seq))
-                    if p not in positions:
-                        positions.append(p)
-                for p in positions:
-                    old = int(seq[p])
-                    new = rng.randrange(VOCAB)
-                    while new == MASK or new == old:  # a token id, and a change
-                        new = rng.randrange(VOCAB)
-                    values.append(new)
-                    if old == MASK:
-                        masked[p // bs] -= 1
-                if self.kind in LISTS:
-                    for p, v in zip(positions, values):
-                        seq[p] = v
-                else:
-                    seq[positions] = self._container(values)
-                generated = len(positions)
+                seq = self._grow(i)
+            generated = self._unmask(seq, pool, masked) if step > 0 else 0
             active = pool[0] // bs if pool else len(masked) - 1
             if self.kind == "diffulex":
                 self._set_diffulex(req, step, generated, seq, masked, active, last)
@@ -326,6 +335,43 @@ def expected_block_trace(req: Any) -> list[dict]:
     return [{k: d[k] for k in keys} for d in req.block_trace]
 
 
+def _verify(variant: str, recorder: Any, expected: dict, expected_trace: Any, trace_check: tuple[int, int],
+            traces: bool, kind: str, want_tokens: int) -> tuple[list[str], int, int]:
+    """The record must rebuild the sequences (and the trace) that were passed and count every token:
+    what was verified, and the changed positions and sequence lengths stored."""
+    naive = isinstance(recorder, NaiveRecorder)
+    changed = lengths = 0
+    verified = []
+    for (r, s), want in sorted(expected.items()):
+        if naive:
+            got = recorder.history[r][s]
+        else:
+            got = recorder.trajectories[r].running_token_ids(s)
+        if got != want:
+            raise SystemExit(f"{variant}: request {r} step {s}: recorded sequence differs from the one passed")
+        verified.append(f"r{r}/s{s}")
+    if not naive:
+        trajs = recorder.trajectories
+        step_rec = trajs[trace_check[0]].steps[trace_check[1]]
+        if traces:
+            stored = step_rec.block_trace if kind == "diffulex" else step_rec.trace_dicts()
+            if stored != expected_trace:
+                raise SystemExit(f"{variant}: stored block trace differs from the one passed")
+            verified.append("trace")
+        elif step_rec.trace is not None:
+            raise SystemExit(f"{variant}: a block trace was stored with DIFFULEX_SAVE_TRACE=0")
+        if recorder.total_generated_tokens != want_tokens or not all(t.finished for t in trajs):
+            raise SystemExit(f"{variant}: {recorder.total_generated_tokens} tokens recorded, expected {want_tokens}")
+        verified.append("tokens")
+        for t in trajs:
+            for st in t.steps:
+                changed += len(st.changed_positions)
+                lengths += st.running_length
+    else:
+        lengths = sum(len(x) for h in recorder.history for x in h)
+    return verified, changed, lengths
+
+
 def worker(variant: str, requests: int, steps: int, args: argparse.Namespace, profile: bool) -> None:
     recorder_kind, traces, kind = VARIANTS[variant]
     os.environ["DIFFULEX_SAVE_TRACE"] = "1" if traces else "0"
@@ -359,7 +405,6 @@ def worker(variant: str, requests: int, steps: int, args: argparse.Namespace, pr
     timer = GcTimer()
     record = gen = 0.0
     step_time = 0.05
-    changed = lengths = 0
     wall = time.perf_counter()
     for step in range(steps):
         t0 = time.perf_counter()
@@ -392,36 +437,8 @@ def worker(variant: str, requests: int, steps: int, args: argparse.Namespace, pr
         pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile_top)
         return
 
-    # correctness: the record must rebuild the sequences that were passed
-    verified = []
-    for (r, s), want in sorted(expected.items()):
-        if recorder_kind == "naive":
-            got = recorder.history[r][s]
-        else:
-            got = recorder.trajectories[r].running_token_ids(s)
-        if got != want:
-            raise SystemExit(f"{variant}: request {r} step {s}: recorded sequence differs from the one passed")
-        verified.append(f"r{r}/s{s}")
-    if recorder_kind != "naive":
-        trajs = recorder.trajectories
-        step_rec = trajs[trace_check[0]].steps[trace_check[1]]
-        if traces:
-            stored = step_rec.block_trace if kind == "diffulex" else step_rec.trace_dicts()
-            if stored != expected_trace:
-                raise SystemExit(f"{variant}: stored block trace differs from the one passed")
-            verified.append("trace")
-        elif step_rec.trace is not None:
-            raise SystemExit(f"{variant}: a block trace was stored with DIFFULEX_SAVE_TRACE=0")
-        want_tokens = requests * (steps - 1) * args.unmask
-        if recorder.total_generated_tokens != want_tokens or not all(t.finished for t in trajs):
-            raise SystemExit(f"{variant}: {recorder.total_generated_tokens} tokens recorded, expected {want_tokens}")
-        verified.append("tokens")
-        for t in trajs:
-            for st in t.steps:
-                changed += len(st.changed_positions)
-                lengths += st.running_length
-    else:
-        lengths = sum(len(x) for h in recorder.history for x in h)
+    verified, changed, lengths = _verify(variant, recorder, expected, expected_trace, trace_check, traces, kind,
+                                         requests * (steps - 1) * args.unmask)
     n = requests * steps
     print(json.dumps({
         "variant": variant, "requests": requests, "steps": steps, "record_s": record, "gen_s": gen,
@@ -496,7 +513,8 @@ def main() -> None:
     print()
     print(f"{args.requests} requests x {args.steps} steps, sequences {rows[0]['start_length']} -> {args.length} "
           f"tokens (mean {rows[0]['mean_length']:.0f}), {args.unmask} decoded per step, +{args.block_size} every "
-          f"{args.grow_every} steps (Python {sys.version.split()[0]}, numpy {numpy.__version__}, {os.cpu_count()} CPUs)")
+          f"{args.grow_every} steps (Python {sys.version.split()[0]}, numpy {numpy.__version__}, {os.cpu_count()} "
+          "CPUs)")
     header = (f"{'variant':14s} {'run (req x steps)':>17s} {'us/req-step':>11s} {'record s':>9s} {'gc in rec s':>11s} "
               f"{'peak RSS MiB':>12s} {'B/req-step':>10s} {'time x naive':>12s} {'mem x naive':>11s}")
     print(header)
@@ -507,7 +525,8 @@ def main() -> None:
         m_ratio = f"{r['bytes_per_rs'] / naive['bytes_per_rs']:.3f}x" if naive else "-"
         print(f"{r['variant']:14s} {r['requests']:>8,d} x {r['steps']:<6,d} {r['us_per_rs']:11.2f} "
               f"{r['record_s'] * r['scale']:8.2f}{mark} {r['gc_inside_s'] * r['scale']:10.2f}{mark} "
-              f"{r['growth_bytes'] * r['scale'] / MIB:11.0f}{mark} {r['bytes_per_rs']:10,.0f} {t_ratio:>12s} {m_ratio:>11s}")
+              f"{r['growth_bytes'] * r['scale'] / MIB:11.0f}{mark} {r['bytes_per_rs']:10,.0f} {t_ratio:>12s} "
+              f"{m_ratio:>11s}")
     if any(r["extrapolated"] for r in rows):
         print(f"* extrapolated linearly from the run's requests to {args.requests} (same steps and length "
               "schedule; reliable for memory, understates time)")

@@ -136,7 +136,8 @@ def main() -> None:
                     reads[world] = [r["bytes_read"] for r in results]
             print(f"{kind}: checkpoint {nbytes / GIB:.3f} GiB")
             for world in (1, 2):
-                shares = ", ".join(f"rank {r}: {b / GIB:.3f} GiB ({b / nbytes:.1%})" for r, b in enumerate(reads[world]))
+                shares = ", ".join(f"rank {r}: {b / GIB:.3f} GiB ({b / nbytes:.1%})"
+                                   for r, b in enumerate(reads[world]))
                 print(f"  {world} rank(s): {shares}; load median {statistics.median(seconds[world]):.3f} s "
                       f"(slowest rank; runs {', '.join(f'{s:.3f}' for s in seconds[world])})")
 
