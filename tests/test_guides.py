@@ -187,7 +187,7 @@ def test_writing_a_plugin_guide_builds_an_installed_tested_plugin(tmp_path):
     env_plain = {k: v for k, v in env.items() if k != "PYTEST_ADDOPTS"}
     fixtures = _run([str(venv / "bin" / "python"), "-m", "pytest", "-p", "no:cacheprovider", "--fixtures-per-test",
                      "-q"], cwd=plugin, env=env_plain, timeout=120, what="pytest --fixtures-per-test")
-    kit = str(ROOT / "diffulex_core" / "testing.py")
+    kit = str(ROOT / "diffulex_core" / "testing" / "__init__.py")
     for fixture in ("diffulex_plugins", "diffulex_checkpoint"):
         found = re.findall(rf"^{fixture} -- (\S+?):\d+", fixtures, re.M)
         assert found and all(Path(plugin, f).resolve() == Path(kit) for f in found), (fixture, found, fixtures)
