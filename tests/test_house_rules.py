@@ -38,3 +38,22 @@ def test_every_core_module_declares_its_public_names(name):
     assert isinstance(getattr(module, "__all__", None), list), f"{name} has no __all__"
     assert [n for n in module.__all__ if not hasattr(module, n)] == []
     assert [n for n in module.__all__ if n.startswith("_") and not n.endswith("__")] == []
+
+
+def test_the_plugin_api_imports_without_torch_or_discovery_and_holds_what_a_plugin_uses():
+    import subprocess
+    import sys
+
+    code = ("import sys, diffulex_core.plugin_api as api; "
+            "assert 'torch' not in sys.modules and 'diffulex_core.plugins' not in sys.modules, sorted(sys.modules); "
+            "names = set(api.__all__); "
+            "assert {'hookimpl', 'ResolvedWeight', 'LoadContext', 'WeightDestination', 'CheckpointSlice', "
+            "'takes_checkpoint_slices', 'FamilyExample', 'ParallelState', 'current_parallel_state', "
+            "'divide'} <= names; "
+            "from diffulex_core import hookimpl; from diffulex_core.checkpoint import ResolvedWeight; "
+            "from diffulex_core.conformance import FamilyExample; "
+            "assert api.hookimpl is hookimpl and api.ResolvedWeight is ResolvedWeight "
+            "and api.FamilyExample is FamilyExample; "
+            "from diffulex_core.checkpoint_slice import CheckpointSlice; "
+            "assert api.CheckpointSlice is CheckpointSlice and 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
