@@ -4,7 +4,7 @@ Cheap to import on purpose: no torch here. The model lives in ``diffulex_dream.m
 imported by diffulex-core only when a ``dream`` model is built (lazy "module:attr" factory).
 """
 
-from diffulex_core import hookimpl
+from diffulex_core.plugin_api import FamilyExample, hookimpl
 
 FAMILY = "dream"
 FACTORY = "diffulex_dream.model:build_dream"
@@ -18,7 +18,6 @@ def diffulex_register_families(register):
 @hookimpl
 def diffulex_family_examples():
     """A tiny Dream config for ``diffulex check dream``, exported with real Dream (Qwen2) checkpoint names."""
-    from diffulex_core.conformance import FamilyExample
     from diffulex_dream.model import to_hf_state_dict
 
     config = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,

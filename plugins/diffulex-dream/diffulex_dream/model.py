@@ -1,14 +1,9 @@
 """Dream (Qwen2-based diffusion LM) with engine-style parameter names, for diffulex-core.
 
-Checkpoint names -> parameter names (``DreamForDiffusionLM.packed_modules_mapping``):
-Dream checkpoints use Qwen2 names (``model.layers.N.self_attn.q_proj.weight``, ...). The core
-loader rewrites a checkpoint name by replacing whole dotted segments (a key never matches part
-of a segment; where keys overlap the most specific, longest, key wins). Only the packed
-projections need entries: ``q_proj``/``k_proj``/``v_proj`` -> ``qkv_proj`` shards
-``"q"``/``"k"``/``"v"`` and ``gate_proj``/``up_proj`` -> ``gate_up_proj`` shards ``0``/``1``;
-every other name (``o_proj``, ``down_proj``, norms, ``embed_tokens``, ``lm_head``) already
-matches. A shard id says which rows of the packed parameter the tensor fills, through that
-parameter's ``weight_loader(param, loaded_weight, shard_id)``.
+Checkpoint names -> parameter names (``DreamForDiffusionLM.packed_modules_mapping``): Dream
+checkpoints use Qwen2 names (``model.layers.N.self_attn.q_proj.weight``, ...), which are the
+engine's but for the packed projections: ``diffulex_layers.QWEN_PACKED_MODULES_MAPPING`` (shared
+with SDAR) sends q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``.
 The torch layers are shared with the other bundled families (``diffulex_layers``).
 """
 
@@ -19,7 +14,15 @@ from functools import partial
 from typing import Any
 
 import torch
-from diffulex_layers import DiffusionLM, PackedLinear, TransformerConfig, config_value, hf_state_dict
+
+from diffulex_layers import (
+    QWEN_PACKED_MODULES_MAPPING,
+    DiffusionLM,
+    PackedLinear,
+    TransformerConfig,
+    config_value,
+    hf_state_dict,
+)
 from diffulex_layers.rope import rope_parameters
 
 __all__ = ["DreamForDiffusionLM", "PackedLinear", "build_dream", "to_hf_state_dict"]
@@ -27,13 +30,7 @@ __all__ = ["DreamForDiffusionLM", "PackedLinear", "build_dream", "to_hf_state_di
 
 class DreamForDiffusionLM(DiffusionLM):
     diffulex_family = "dream"
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed_modules_mapping = dict(QWEN_PACKED_MODULES_MAPPING)  # a copy: a change to it stays this family's
 
     @classmethod
     def resolve_config(cls, cfg: Mapping[str, Any]) -> TransformerConfig:

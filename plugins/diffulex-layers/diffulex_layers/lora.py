@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffulex_core.checkpoint import WeightDestination
+from diffulex_core.plugin_api import WeightDestination
+
+from .shapes import check_loaded_shape
 
 __all__ = ["LoRAAdapter", "LoRAGeometry", "LoRALayer", "LoRASpan", "lora_key"]
 
@@ -98,7 +100,8 @@ class LoRAAdapter(nn.Module):
         return F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling}, rows=[{self.start}, {self.start + self.size}), merged={self.merged}"
+        rows = f"[{self.start}, {self.start + self.size})"
+        return f"r={self.r}, scaling={self.scaling}, rows={rows}, merged={self.merged}"
 
 
 class LoRALayer:
@@ -143,8 +146,6 @@ class LoRALayer:
         ``shard_id`` lands: a view of the local parameter and the narrows of the full tensor.
         A splits on its columns (input features, or vocabulary entries of an embedding), B on
         its rows (output features), exactly as the weight splits."""
-        from diffulex_layers.parallel import check_loaded_shape  # parallel.py imports this module
-
         adapter = self.lora_adapter(shard_id)
         if part == "A":
             param, dim, span = adapter.lora_A, 1, adapter.in_span

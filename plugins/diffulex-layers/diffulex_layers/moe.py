@@ -18,10 +18,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diffulex_core.checkpoint import LoadContext, ResolvedWeight, WeightDestination
-from diffulex_core.parallel import current_parallel_state, divide
+from diffulex_core.plugin_api import (
+    LoadContext,
+    ResolvedWeight,
+    WeightDestination,
+    current_parallel_state,
+    divide,
+    takes_checkpoint_slices,
+)
 
-from .parallel import GroupRef, ReplicatedLinear, check_loaded_shape, takes_checkpoint_slices
+from .parallel import GroupRef, ReplicatedLinear
+from .shapes import check_loaded_shape
 
 __all__ = ["ExpertWeight", "SparseMoeBlock", "StackedExperts", "parse_expert_weight", "per_expert_tensors"]
 
@@ -100,7 +107,8 @@ class StackedExperts(nn.Module):
     def _local_expert(self, shard_id: Any) -> int:
         if isinstance(shard_id, int) and not isinstance(shard_id, bool) and 0 <= shard_id < self.num_local_experts:
             return shard_id
-        raise ValueError(f"unknown expert shard id {shard_id!r}; expected a local expert 0..{self.num_local_experts - 1}")
+        raise ValueError(f"unknown expert shard id {shard_id!r}; "
+                         f"expected a local expert 0..{self.num_local_experts - 1}")
 
     def gate_up_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
                             shard_id: Any = None) -> WeightDestination:

@@ -10,7 +10,7 @@ Every parameter carries ``weight_loader(param, loaded_weight)`` (whole tensors) 
 checkpoint tensor, or a lazy ``CheckpointSlice`` view of it: the loaders are marked
 ``accepts_checkpoint_slice`` and use only ``.shape``/``.ndim``/``.narrow`` on it and
 ``dest.copy_(part)``, so the core loader reads just this rank's bytes from the file
-(``takes_checkpoint_slices``, re-exported from ``diffulex_core.checkpoint_slice``). A tensor of
+(``takes_checkpoint_slices``, from ``diffulex_core.plugin_api``). A tensor of
 the wrong shape, or an unknown shard id, is a ``ValueError`` (the loader reports it).
 
 With ``tp_size == 1`` every layer computes exactly what ``nn.Linear``/``nn.Embedding`` would.
@@ -29,12 +29,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from diffulex_core.checkpoint import WeightDestination
-from diffulex_core.checkpoint_slice import takes_checkpoint_slices
 from diffulex_core.errors import ParallelConfigError
-from diffulex_core.parallel import ParallelState, current_parallel_state, divide
+from diffulex_core.plugin_api import (
+    ParallelState,
+    WeightDestination,
+    current_parallel_state,
+    divide,
+    takes_checkpoint_slices,
+)
 
 from .lora import LoRAGeometry, LoRALayer, LoRASpan
+from .shapes import check_loaded_shape
 
 __all__ = [
     "ColumnParallelLinear",
@@ -54,13 +59,6 @@ __all__ = [
 ]
 
 
-def check_loaded_shape(what: str, expected: Sequence[int], loaded_shape: Sequence[int]) -> None:
-    """A ``ValueError`` naming expected vs got, before anything is written."""
-    if tuple(loaded_shape) != tuple(expected):
-        raise ValueError(f"{what}: expected a checkpoint tensor of shape {tuple(expected)} "
-                         f"but loaded weight has shape {tuple(loaded_shape)}")
-
-
 class _KeepsWeightLoaders:
     """Re-attaches ``weight_loader`` to the module's own parameters: ``to_empty()``/``_apply``,
     ``deepcopy`` and unpickling make new ``Parameter`` objects without attributes."""
@@ -70,7 +68,8 @@ class _KeepsWeightLoaders:
             param.weight_loader = self.weight_loader  # type: ignore[attr-defined]
             param.weight_destination = self.weight_destination  # type: ignore[attr-defined]
 
-    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                           shard_id: Any = None) -> WeightDestination:
         raise NotImplementedError
 
     @takes_checkpoint_slices
@@ -153,7 +152,8 @@ class ReplicatedLinear(_ParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias, current_parallel_state(), None)
 
-    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                           shard_id: Any = None) -> WeightDestination:
         _no_shard_id(self, shard_id)
         check_loaded_shape(type(self).__name__, param.shape, loaded_shape)
         return WeightDestination(param.data)
@@ -168,7 +168,8 @@ class ColumnParallelLinear(_ParallelLinear):
         super().__init__(in_features, local, bias, state, 0)
         self.output_size = out_features
 
-    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                           shard_id: Any = None) -> WeightDestination:
         _no_shard_id(self, shard_id)
         check_loaded_shape(type(self).__name__, (self.output_size, *param.shape[1:]), loaded_shape)
         size = param.shape[0]
@@ -185,7 +186,8 @@ class RowParallelLinear(_ParallelLinear):
         super().__init__(local, out_features, bias, state, 1)
         self.input_size = in_features
 
-    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                           shard_id: Any = None) -> WeightDestination:
         _no_shard_id(self, shard_id)
         if param.dim() == 1:  # the bias is replicated
             check_loaded_shape(f"{type(self).__name__} bias", param.shape, loaded_shape)
@@ -240,11 +242,13 @@ class PackedLinear(_ParallelLinear):
             self.shard_slices[shard_id] = (start, shard.size)
             start += shard.size
 
-    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                           shard_id: Any = None) -> WeightDestination:
         if shard_id is None:  # an engine-format checkpoint stores the packed tensor whole
             if self.tp_size > 1:
                 raise ValueError(f"a whole packed tensor cannot be split for tensor-parallel rank {self.tp_rank} of "
-                                 f"{self.tp_size}; the checkpoint must store each shard ({list(self.shards)}) on its own")
+                                 f"{self.tp_size}; the checkpoint must store each shard ({list(self.shards)}) "
+                                 f"on its own")
             check_loaded_shape(type(self).__name__, param.shape, loaded_shape)
             return WeightDestination(param.data)
         if shard_id not in self.shard_slices:
@@ -349,7 +353,8 @@ class _VocabRows(_TensorParallel, _KeepsWeightLoaders):
         self.weight_destination(param, loaded_weight.shape, shard_id).apply(loaded_weight)
         param.data.narrow(0, self.shard.real, self.shard.size - self.shard.real).zero_()
 
-    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int], shard_id: Any = None) -> WeightDestination:
+    def weight_destination(self, param: nn.Parameter, loaded_shape: Sequence[int],
+                           shard_id: Any = None) -> WeightDestination:
         """The real rows; the padding rows are zeroed whenever the weight is made or moved."""
         _no_shard_id(self, shard_id)
         shard = self.shard
@@ -423,4 +428,5 @@ class ParallelLMHead(LoRALayer, _VocabRows, nn.Linear):
         """B's rows are vocabulary entries, split like the weight's rows (padding rows zero); A is whole."""
         _no_shard_id(self, shard_id)
         shard, cols = self.shard, self.in_features
-        return LoRAGeometry(cols, LoRASpan(cols, 0, cols), shard.size, LoRASpan(shard.vocab, shard.start, shard.real), 0)
+        rows = LoRASpan(shard.vocab, shard.start, shard.real)
+        return LoRAGeometry(cols, LoRASpan(cols, 0, cols), shard.size, rows, 0)

@@ -88,22 +88,30 @@ def _check(v: Mapping[str, Any], label: Callable[[str], str]) -> None:
         if not isinstance(omp, int) or isinstance(omp, bool) or omp <= 0:
             raise bad("original_max_positions", "must be an integer > 0")
     if rope_type == "yarn":
-        for name in ("beta_fast", "beta_slow", "attention_factor"):
-            if v[name] is not None and (not _is_number(v[name]) or v[name] <= 0):
-                raise bad(name, "must be a number > 0")
-        for name in ("mscale", "mscale_all_dim"):
-            if v[name] is not None and not _is_number(v[name]):
-                raise bad(name, "must be a number")
-        if not isinstance(v["truncate"], bool):
-            raise bad("truncate", "must be true or false")
+        _check_yarn(v, bad)
     if rope_type == "llama3":
-        for name in ("low_freq_factor", "high_freq_factor"):
-            if v[name] is None:
-                raise bad(name, "is missing; rope_type 'llama3' needs it")
-            if not _is_number(v[name]) or v[name] <= 0:
-                raise bad(name, "must be a number > 0")
-        if v["high_freq_factor"] <= v["low_freq_factor"]:
-            raise bad("high_freq_factor", f"must be greater than low_freq_factor ({v['low_freq_factor']!r})")
+        _check_llama3(v, bad)
+
+
+def _check_yarn(v: Mapping[str, Any], bad: Callable[[str, str], ValueError]) -> None:
+    for name in ("beta_fast", "beta_slow", "attention_factor"):
+        if v[name] is not None and (not _is_number(v[name]) or v[name] <= 0):
+            raise bad(name, "must be a number > 0")
+    for name in ("mscale", "mscale_all_dim"):
+        if v[name] is not None and not _is_number(v[name]):
+            raise bad(name, "must be a number")
+    if not isinstance(v["truncate"], bool):
+        raise bad("truncate", "must be true or false")
+
+
+def _check_llama3(v: Mapping[str, Any], bad: Callable[[str, str], ValueError]) -> None:
+    for name in ("low_freq_factor", "high_freq_factor"):
+        if v[name] is None:
+            raise bad(name, "is missing; rope_type 'llama3' needs it")
+        if not _is_number(v[name]) or v[name] <= 0:
+            raise bad(name, "must be a number > 0")
+    if v["high_freq_factor"] <= v["low_freq_factor"]:
+        raise bad("high_freq_factor", f"must be greater than low_freq_factor ({v['low_freq_factor']!r})")
 
 
 def rope_parameters(config: Mapping[str, Any], default_theta: float = 10000.0) -> RopeParameters:

@@ -24,13 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffulex_core.parallel import current_parallel_state, divide
+from diffulex_core.plugin_api import current_parallel_state, divide
 
 from .lora import LoRAAdapter
 from .moe import SparseMoeBlock, StackedExperts, per_expert_tensors
+from .parallel import (
+    MergedColumnParallelLinear,
+    PackedLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from .rope import RopeParameters, inv_freq_and_scale
-from .parallel import (MergedColumnParallelLinear, PackedLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear,
-                       VocabParallelEmbedding)
 
 __all__ = [
     "MLP",
@@ -39,6 +45,7 @@ __all__ = [
     "DiffusionLM",
     "MoeConfig",
     "PackedLinear",
+    "QWEN_PACKED_MODULES_MAPPING",
     "RMSNorm",
     "RotaryEmbedding",
     "TransformerConfig",
@@ -195,6 +202,17 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+# Qwen2/Qwen3 checkpoints (Dream, SDAR) name every tensor as these layers do but for the packed
+# projections: their q/k/v fill ``Attention.qkv_proj``'s shards and gate/up ``MLP.gate_up_proj``'s.
+QWEN_PACKED_MODULES_MAPPING: dict[str, tuple[str, Any]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 class DecoderLayer(nn.Module):

@@ -17,19 +17,22 @@ import torch.nn.functional as F
 from diffulex_core.checkpoint import LoadContext
 from diffulex_core.errors import ParallelConfigError
 from diffulex_core.parallel import ParallelState, use_parallel_state
-from diffulex_layers import (ColumnParallelLinear, MergedColumnParallelLinear, PackedLinear, ParallelLMHead,
-                             QKVParallelLinear, ReplicatedLinear, RowParallelLinear, SparseMoeBlock, StackedExperts,
-                             VocabParallelEmbedding, parse_expert_weight)
-from diffulex_layers.testing import rank_main, run_on_ranks
+from diffulex_layers import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    PackedLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    SparseMoeBlock,
+    StackedExperts,
+    VocabParallelEmbedding,
+    parse_expert_weight,
+)
+from diffulex_layers.testing import rank_main, run_on_ranks, simulated_rank
 
 SINGLE = ParallelState()
-WAIT_SECONDS = 120  # the 2-rank run must finish by then; a hang fails the test instead of blocking CI
-
-
-def simulated(rank: int, size: int) -> ParallelState:
-    """Rank ``rank`` of ``size`` for tensor and expert parallelism; the group is a stand-in."""
-    group = object()
-    return ParallelState(rank, size, group, rank, size, group)
 
 
 class StrictSlice:
@@ -79,18 +82,20 @@ def test_qkv_rows_of_each_rank(heads, kv_heads, tp):
     head_dim = 2
     q, k, v = rows(heads * head_dim), rows(kv_heads * head_dim) + 100, rows(kv_heads * head_dim) + 200
     for rank in range(tp):
-        with use_parallel_state(simulated(rank, tp)):
+        with use_parallel_state(simulated_rank(rank, tp)):
             layer = QKVParallelLinear(3, head_dim, heads, kv_heads, bias=True)
-        for shard_id, tensor in zip("qkv", (q, k, v)):
+        for shard_id, tensor in zip("qkv", (q, k, v), strict=True):
             load(layer.weight, tensor, shard_id)
             load(layer.bias, tensor[:, 0], shard_id)
         local_heads = heads // tp
         kv_per = max(1, kv_heads // tp)
         kv_head = rank * kv_per if kv_heads >= tp else rank // (tp // kv_heads)
         kv_rows = slice(kv_head * head_dim, (kv_head + kv_per) * head_dim)
-        expected = torch.cat([q[rank * local_heads * head_dim:(rank + 1) * local_heads * head_dim], k[kv_rows], v[kv_rows]])
+        q_part = slice(rank * local_heads * head_dim, (rank + 1) * local_heads * head_dim)
+        expected = torch.cat([q[q_part], k[kv_rows], v[kv_rows]])
         assert torch.equal(layer.weight, expected) and torch.equal(layer.bias, expected[:, 0])
-        assert (layer.num_heads, layer.num_kv_heads, layer.tp_rank, layer.tp_size, layer.tp_dim) == (local_heads, kv_per, rank, tp, 0)
+        assert (layer.num_heads, layer.num_kv_heads) == (local_heads, kv_per)
+        assert (layer.tp_rank, layer.tp_size, layer.tp_dim) == (rank, tp, 0)
         q_rows, kv_len = local_heads * head_dim, kv_per * head_dim
         assert layer.shard_slices == {"q": (0, q_rows), "k": (q_rows, kv_len), "v": (q_rows + kv_len, kv_len)}
 
@@ -99,7 +104,7 @@ def test_column_row_merged_and_replicated_parts_make_the_whole():
     weight, tp = rows(12, 8), 4
     parts = {"column": [], "row": [], "merged": []}
     for rank in range(tp):
-        with use_parallel_state(simulated(rank, tp)):
+        with use_parallel_state(simulated_rank(rank, tp)):
             column, row = ColumnParallelLinear(8, 12), RowParallelLinear(8, 12)
             merged, replicated = MergedColumnParallelLinear(8, [4, 8], bias=True), ReplicatedLinear(8, 12)
         load(column.weight, weight), load(column.bias, weight[:, 0])
@@ -110,7 +115,8 @@ def test_column_row_merged_and_replicated_parts_make_the_whole():
         assert torch.equal(column.bias, column.weight[:, 0])
         assert merged.shard_slices == {0: (0, 1), 1: (1, 2)}
         assert (column.tp_dim, row.tp_dim, merged.tp_dim, replicated.tp_dim) == (0, 1, 0, None)
-        parts["column"].append(column.weight.data), parts["row"].append(row.weight.data), parts["merged"].append(merged.weight.data)
+        for kind, layer in (("column", column), ("row", row), ("merged", merged)):
+            parts[kind].append(layer.weight.data)
     assert torch.equal(torch.cat(parts["column"]), weight) and torch.equal(torch.cat(parts["row"], dim=1), weight)
     merged_rows = torch.cat(parts["merged"])  # rank r: gate row r, then up rows 4+2r, 5+2r
     assert merged_rows[:, 0].tolist() == [0, 4, 5, 1, 6, 7, 2, 8, 9, 3, 10, 11]
@@ -121,7 +127,7 @@ def test_vocab_is_padded_and_padding_rows_stay_zero():
     for cls in (VocabParallelEmbedding, ParallelLMHead):
         shards = []
         for rank in range(tp):
-            with torch.device("meta"), use_parallel_state(simulated(rank, tp)):
+            with torch.device("meta"), use_parallel_state(simulated_rank(rank, tp)):
                 layer = cls(11, 4)
             layer.to_empty(device="cpu")
             assert not layer.weight[layer.shard.real:].any()  # to_empty's garbage is zeroed in padding rows
@@ -149,7 +155,7 @@ def test_single_process_layers_are_the_plain_torch_layers():
 
 
 def test_weight_loaders_are_marked_checked_and_survive_to_empty_and_deepcopy():
-    with torch.device("meta"), use_parallel_state(simulated(1, 2)):
+    with torch.device("meta"), use_parallel_state(simulated_rank(1, 2)):
         layers = [ReplicatedLinear(4, 6), ColumnParallelLinear(4, 6), RowParallelLinear(4, 6),
                   QKVParallelLinear(4, 2, 2, 2, bias=True), VocabParallelEmbedding(7, 4), ParallelLMHead(7, 4),
                   StackedExperts(4, 4, 2)]
@@ -168,7 +174,7 @@ def test_weight_loaders_are_marked_checked_and_survive_to_empty_and_deepcopy():
 
 
 def test_bad_group_sizes_name_the_quantity():
-    with use_parallel_state(simulated(0, 4)):
+    with use_parallel_state(simulated_rank(0, 4)):
         for build, what in [(lambda: QKVParallelLinear(8, 2, 6, 2), "attention heads"),
                             (lambda: QKVParallelLinear(8, 2, 8, 6), "key/value heads"),
                             (lambda: QKVParallelLinear(8, 2, 8, 3), "key/value heads"),
@@ -184,7 +190,7 @@ def test_expert_resolver_places_owned_experts_and_skips_the_others():
     assert parse_expert_weight("5.gate_proj.weight") == (5, "gate_proj")
     assert parse_expert_weight("5.gate_proj.bias") is None and parse_expert_weight("x.up_proj.weight") is None
     gate_up, down = torch.randn(4, 6, 5), torch.randn(4, 5, 3)
-    with use_parallel_state(simulated(1, 2)):
+    with use_parallel_state(simulated_rank(1, 2)):
         experts = StackedExperts(4, 5, 3)
     ctx = LoadContext(full_name="layer.experts.0.up_proj.weight", ep_rank=1, ep_size=2)
     skipped = experts.resolve_checkpoint_weight("0.up_proj.weight", ctx)
@@ -209,7 +215,7 @@ def test_expert_resolver_places_owned_experts_and_skips_the_others():
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    run_on_ranks(__file__, CHECKS, tmp_path, wait_seconds=WAIT_SECONDS)
+    run_on_ranks(__file__, CHECKS, tmp_path)
 
 
 @torch.no_grad()
@@ -220,12 +226,14 @@ def check_linear_layers(rank: int) -> None:
     merged = MergedColumnParallelLinear(8, [6, 6], bias=True)
     load(column.weight, w), load(column.bias, b), load(replicated.weight, w), load(replicated.bias, b)
     load(row.weight, w.T.contiguous()), load(row.bias, b[:8])
-    load(merged.weight, w[:6], 0), load(merged.weight, w[6:], 1), load(merged.bias, b[:6], 0), load(merged.bias, b[6:], 1)
+    load(merged.weight, w[:6], 0), load(merged.weight, w[6:], 1)
+    load(merged.bias, b[:6], 0), load(merged.bias, b[6:], 1)
     full = F.linear(x, w, b)
     torch.testing.assert_close(column(x), full[..., rank * 6:(rank + 1) * 6])
     torch.testing.assert_close(replicated(x), full)
     torch.testing.assert_close(row(wide[..., rank * 6:(rank + 1) * 6]), F.linear(wide, w.T, b[:8]))
-    torch.testing.assert_close(merged(x), torch.cat([full[..., rank * 3:(rank + 1) * 3], full[..., 6 + rank * 3:9 + rank * 3]], -1))
+    gate, up = full[..., rank * 3:(rank + 1) * 3], full[..., 6 + rank * 3:9 + rank * 3]
+    torch.testing.assert_close(merged(x), torch.cat([gate, up], -1))
 
 
 @torch.no_grad()
@@ -294,7 +302,8 @@ def check_moe_block(rank: int) -> None:
         gate_up, down = reference.experts.gate_up_proj, reference.experts.down_proj
         checkpoint = {"gate.weight": reference.gate.weight}
         for e in range(4):
-            checkpoint |= {f"experts.{e}.gate_proj.weight": gate_up[e, :8], f"experts.{e}.up_proj.weight": gate_up[e, 8:],
+            checkpoint |= {f"experts.{e}.gate_proj.weight": gate_up[e, :8],
+                           f"experts.{e}.up_proj.weight": gate_up[e, 8:],
                            f"experts.{e}.down_proj.weight": down[e]}
         x = torch.randn(2, 5, 16)
         outputs = []
@@ -304,7 +313,8 @@ def check_moe_block(rank: int) -> None:
             skipped = []
             for name, tensor in checkpoint.items():
                 if name.startswith("experts."):
-                    spec = block.experts.resolve_checkpoint_weight(name.removeprefix("experts."), LoadContext(full_name=name))
+                    suffix = name.removeprefix("experts.")
+                    spec = block.experts.resolve_checkpoint_weight(suffix, LoadContext(full_name=name))
                     if spec.skip:
                         skipped.append(spec.reason)
                         continue

@@ -4,7 +4,7 @@ Cheap to import on purpose: no torch here. The model lives in ``diffulex_llada.m
 imported by diffulex-core only when a ``llada`` model is built (lazy "module:attr" factory).
 """
 
-from diffulex_core import hookimpl
+from diffulex_core.plugin_api import FamilyExample, hookimpl
 
 FAMILY = "llada"
 FACTORY = "diffulex_llada.model:build_llada"
@@ -18,7 +18,6 @@ def diffulex_register_families(register):
 @hookimpl
 def diffulex_family_examples():
     """A tiny LLaDA config for ``diffulex check llada``, exported with real LLaDA checkpoint names."""
-    from diffulex_core.conformance import FamilyExample
     from diffulex_llada.model import to_hf_state_dict
 
     config = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,

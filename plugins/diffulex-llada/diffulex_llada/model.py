@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 import torch
+
 from diffulex_layers import DiffusionLM, PackedLinear, TransformerConfig, config_value, hf_state_dict
 from diffulex_layers.rope import rope_parameters
 

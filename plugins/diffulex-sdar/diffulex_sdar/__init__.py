@@ -4,7 +4,7 @@ Cheap to import on purpose: no torch here. The model lives in ``diffulex_sdar.mo
 imported by diffulex-core only when a model is built (lazy "module:attr" factories).
 """
 
-from diffulex_core import hookimpl
+from diffulex_core.plugin_api import FamilyExample, hookimpl
 
 FAMILY = "sdar"
 FACTORY = "diffulex_sdar.model:build_sdar"
@@ -25,7 +25,6 @@ def diffulex_family_examples():
     Block-causal attention (``block_size`` 4 over the check's 8 tokens); the MoE example keeps layer 0
     dense (``mlp_only_layers``) so both kinds of MLP are loaded and compared.
     """
-    from diffulex_core.conformance import FamilyExample
     from diffulex_sdar.model import to_hf_state_dict
 
     dense = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,

@@ -128,9 +128,11 @@ def test_diffulex_plan_shows_each_expert_tensor_in_its_slot(tmp_path, capsys):
     assert main(["plan", directory, "--family", "sdar_moe"]) == 0
     out = capsys.readouterr().out
     for expert in range(4):
-        for proj, stacked, slot in (("gate_proj", "gate_up_proj", (expert, 0)), ("up_proj", "gate_up_proj", (expert, 1)),
+        for proj, stacked, slot in (("gate_proj", "gate_up_proj", (expert, 0)),
+                                    ("up_proj", "gate_up_proj", (expert, 1)),
                                     ("down_proj", "down_proj", expert)):
             assert (f"model.layers.0.mlp.experts.{expert}.{proj}.weight  float32[{16 if proj != 'down_proj' else 32}, "
                     f"{32 if proj != 'down_proj' else 16}]  -> param model.layers.0.mlp.experts.{stacked} "
                     f"[shard {slot!r}]  (module:model.layers.0.mlp.experts)") in out
-    assert "model.layers.1.mlp.gate_proj.weight  float32[48, 32]  -> param model.layers.1.mlp.gate_up_proj.weight [shard 0]" in out
+    assert ("model.layers.1.mlp.gate_proj.weight  float32[48, 32]  "
+            "-> param model.layers.1.mlp.gate_up_proj.weight [shard 0]") in out
