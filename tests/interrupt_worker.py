@@ -1,9 +1,11 @@
 """Child process for tests/test_load_safety.py: reload a ~0.4 GiB checkpoint and send ourselves SIGINT.
 
-``python interrupt_worker.py DIR AT SIGNALS`` loads DIR/old (every weight 1), then starts a
-timer that sends SIGINT ``SIGNALS`` times (1 ms apart) after ``AT`` times the first load's
-duration, and loads DIR/new (every weight 2) into the same model. It prints one JSON line: where the interrupt surfaced and
-what the model holds afterwards ("old", "new", "marked" or "mixed").
+``python interrupt_worker.py DIR AT SIGNALS [AT SIGNALS ...]`` runs one scenario per pair, in
+order, each on a model of its own: it loads DIR/old (every weight 1), then starts a timer that
+sends SIGINT ``SIGNALS`` times (1 ms apart) after ``AT`` times that load's duration, and loads
+DIR/new (every weight 2) into the same model. Each scenario prints one JSON line: its ``at`` and
+``signals``, where the interrupt surfaced and what the model holds afterwards ("old", "new",
+"marked" or "mixed"); stderr says which scenario runs, so a crash names it.
 """
 
 from __future__ import annotations
@@ -63,14 +65,11 @@ def state_of(model: Model) -> str:
         except PartialLoadError:
             return "marked"
         return "marked-but-usable"
-    values = {float(t.detach().min()) for t in model.parameters()} | {float(t.detach().max()) for t in model.parameters()}
+    values = {float(v) for t in model.parameters() for v in (t.detach().min(), t.detach().max())}
     return {frozenset({1.0}): "old", frozenset({2.0}): "new"}.get(frozenset(values), "mixed")
 
 
-def main() -> None:
-    root, at, signals = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-    write(os.path.join(root, "old"), 1.0)
-    write(os.path.join(root, "new"), 2.0)
+def scenario(root: str, at: float, signals: int) -> dict:
     model = Model()
     started = time.perf_counter()
     load_checkpoint(model, os.path.join(root, "old"))
@@ -103,8 +102,18 @@ def main() -> None:
         loading[0] = False
         surfaced = "load"
     timer.join()
-    state = state_of(model)
-    print(json.dumps({"surfaced": surfaced, "state": state, "delay": delay, "late": len(late)}), flush=True)
+    state = state_of(model)  # Python code: a signal still pending is handled here, by on_sigint
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as the next scenario's process would start
+    return {"at": at, "signals": signals, "surfaced": surfaced, "state": state, "delay": delay, "late": len(late)}
+
+
+def main() -> None:
+    root, pairs = sys.argv[1], sys.argv[2:]
+    write(os.path.join(root, "old"), 1.0)
+    write(os.path.join(root, "new"), 2.0)
+    for at, signals in zip(pairs[::2], pairs[1::2], strict=True):
+        print(f"scenario at={at} signals={signals}", file=sys.stderr, flush=True)
+        print(json.dumps(scenario(root, float(at), int(signals))), flush=True)
 
 
 if __name__ == "__main__":

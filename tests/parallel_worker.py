@@ -1,9 +1,13 @@
 """One rank of a multi-process load test: ``python parallel_worker.py SCENARIO RANK WORLD PORT DIR``.
 
-Launched by ``tests/test_parallel_load.py`` the way ``torchrun`` launches an engine: separate
+Launched by ``tests/rank_launcher.py`` the way ``torchrun`` launches an engine: separate
 processes joined by a gloo process group over TCP. Each rank writes ``DIR/rank{R}.json`` (its
 load report, or the error it raised) and ``DIR/rank{R}.safetensors`` (its parameters and, on
 rank 0, the logits); the test compares them with a single-process load.
+
+A SCENARIO file holding a list runs each of its scenarios in turn in the one process group (each
+``{"name": ..., ...}`` into ``DIR/<name>/``), every rank meeting at a barrier before and after
+each, so one launch serves several checks; stdout says which scenario runs, so a crash names it.
 """
 
 from __future__ import annotations
@@ -68,10 +72,7 @@ def run(scenario: dict, out: Path, rank: int) -> dict:
     return {"ok": True, "report": report.to_dict()}
 
 
-def main() -> None:
-    scenario_file, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
-    scenario = json.loads(Path(scenario_file).read_text())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
+def run_one(scenario: dict, out: Path, rank: int) -> None:
     try:
         result = run(scenario, out, rank)
     except Exception as exc:
@@ -79,6 +80,21 @@ def main() -> None:
                   "cause": type(exc.__cause__).__name__ if exc.__cause__ else None,
                   "traceback": traceback.format_exc()}
     (out / f"rank{rank}.json").write_text(json.dumps(result, default=str))
+
+
+def main() -> None:
+    scenario_file, rank, world, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    out = Path(sys.argv[5])
+    scenarios = json.loads(Path(scenario_file).read_text())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=TIMEOUT)
+    if isinstance(scenarios, dict):
+        run_one(scenarios, out, rank)
+    else:
+        for scenario in scenarios:
+            print(f"rank {rank}: scenario {scenario['name']}", flush=True)
+            (out / scenario["name"]).mkdir(exist_ok=True)
+            dist.barrier()  # every rank starts the scenario together, the last one's collectives all done
+            run_one(scenario, out / scenario["name"], rank)
     dist.barrier()  # no rank closes its connections while another still receives from it
     dist.destroy_process_group()
 

@@ -1,5 +1,8 @@
-"""``diffulex demo``: the real command in a subprocess, on its embedded default and on a checkpoint
-written by transformers itself."""
+"""``diffulex demo``: on its embedded default and on a checkpoint written by transformers itself.
+
+The default run is the real command in a subprocess (the ``demo`` command's subprocess check, and
+its time is what a user waits); the others run ``diffulex_core.tools.cli.main`` in this process
+(the ``diffulex_cli`` fixture, conftest.py), with the same environment, output and exit status."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ METRICS = {"TPF": r"TPF\s+([0-9.]+) tokens/forward", "TTFT": r"TTFT\s+([0-9.]+) 
 
 
 def demo(*args: str, pythonpath: str = "", **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``python -m diffulex_core demo ARGS`` in a subprocess, and the seconds it took."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DIFFULEX_")}
     environ.update(env)
     environ["PYTHONPATH"] = pythonpath  # the installed plugins, and the test plugins named
@@ -71,8 +75,8 @@ def test_default_run_shows_the_whole_path_in_under_30_s():
         assert entry["nfe"] == 4 and 0 < len(entry["token_ids"]) <= 8 and entry["full_text"]
 
 
-def test_json_has_all_of_it():
-    result, _ = demo("--json")
+def test_json_has_all_of_it(diffulex_cli):
+    result = diffulex_cli("demo", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["mode"] == "embedded default" and data["family"] == "dream" and WARNING in data["warning"]
@@ -91,7 +95,7 @@ def test_json_has_all_of_it():
         assert isinstance(main[name][key], float) and main[name][key] > 0
     assert data["metrics"]["all"]["num_steps"] == 4 and data["metrics"]["all"]["generated_tokens"] == 16
     assert len(data["benchmark"]) == 2 and all(entry["nfe"] == 4 for entry in data["benchmark"])
-    for request, entry in zip(data["decoding"]["requests"], data["benchmark"]):
+    for request, entry in zip(data["decoding"]["requests"], data["benchmark"], strict=True):
         assert [s["prefill"] for s in request["steps"]] == [True, False, False, False]
         assert [s["running_token_ids"].count(data["mask_token"]["id"]) for s in request["steps"]] == [6, 4, 2, 0]
         assert request["text"] == entry["text"] and request["token_ids"] == entry["token_ids"]
@@ -101,8 +105,8 @@ def test_json_has_all_of_it():
     ("llada", "model.transformer.blocks.{layer}.{shard}_proj"),
     ("sdar", "model.layers.{layer}.self_attn.{shard}_proj"),
 ])  # fmt: skip
-def test_other_families_use_their_own_checkpoint_names(family, adapted):
-    result, _ = demo("--family", family, "--json")
+def test_other_families_use_their_own_checkpoint_names(diffulex_cli, family, adapted):
+    result = diffulex_cli("demo", "--family", family, "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["family"] == family and data["identical_to_source"] is True
@@ -140,8 +144,8 @@ def qwen2_checkpoint(tmp_path_factory) -> Path:
     return directory
 
 
-def test_a_checkpoint_saved_by_transformers_in_bfloat16(qwen2_checkpoint):
-    result, _ = demo("--checkpoint", str(qwen2_checkpoint), "--family", "dream")
+def test_a_checkpoint_saved_by_transformers_in_bfloat16(qwen2_checkpoint, diffulex_cli):
+    result = diffulex_cli("demo", "--checkpoint", str(qwen2_checkpoint), "--family", "dream")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"checkpoint: {qwen2_checkpoint}" in out and "written by the demo" not in out
@@ -156,7 +160,7 @@ def test_a_checkpoint_saved_by_transformers_in_bfloat16(qwen2_checkpoint):
     assert WARNING not in out  # the demo does not know what a user's weights are
 
 
-def test_a_checkpoint_without_tokenizer_files_with_an_adapter(qwen2_checkpoint, tmp_path):
+def test_a_checkpoint_without_tokenizer_files_with_an_adapter(qwen2_checkpoint, tmp_path, diffulex_cli):
     from diffulex_core.tools.demo_files import write_demo_lora
 
     checkpoint = tmp_path / "bare"
@@ -165,8 +169,8 @@ def test_a_checkpoint_without_tokenizer_files_with_an_adapter(qwen2_checkpoint, 
         (checkpoint / name).write_bytes((qwen2_checkpoint / name).read_bytes())
     adapter, targets = write_demo_lora(tmp_path / "adapter", checkpoint)
     assert len(targets) == 4
-    result, _ = demo("--checkpoint", str(checkpoint), "--family", "dream", "--lora", str(adapter), "--dtype", "float32",
-                     "--json")
+    result = diffulex_cli("demo", "--checkpoint", str(checkpoint), "--family", "dream", "--lora", str(adapter),
+                          "--dtype", "float32", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["model"]["dtype"] == "float32 (from --dtype)"
@@ -178,29 +182,28 @@ def test_a_checkpoint_without_tokenizer_files_with_an_adapter(qwen2_checkpoint, 
     assert data["metrics"]["all"]["generated_tokens"] == 16 and len(data["benchmark"]) == 2
 
 
-def test_a_missing_checkpoint_is_an_error_that_names_it(tmp_path):
+def test_a_missing_checkpoint_is_an_error_that_names_it(tmp_path, diffulex_cli):
     missing = tmp_path / "no-such-checkpoint"
-    result, _ = demo("--checkpoint", str(missing), "--family", "dream")
+    result = diffulex_cli("demo", "--checkpoint", str(missing), "--family", "dream")
     assert result.returncode == 1
     assert "CheckpointNotFoundError" in result.stderr and str(missing) in result.stderr
     assert result.stdout == ""
 
 
-def test_checkpoint_needs_a_family_and_lora_needs_a_checkpoint(tmp_path):
-    result, _ = demo("--checkpoint", str(tmp_path))
+def test_checkpoint_needs_a_family_and_lora_needs_a_checkpoint(tmp_path, diffulex_cli):
+    result = diffulex_cli("demo", "--checkpoint", str(tmp_path))
     assert result.returncode == 2 and "--checkpoint DIR needs --family NAME" in result.stderr
-    result, _ = demo("--lora", str(tmp_path))
+    result = diffulex_cli("demo", "--lora", str(tmp_path))
     assert result.returncode == 2 and "--lora needs --checkpoint DIR" in result.stderr
 
 
 # --------------------------------------------------------------------------- a third-party family's size
 
 
-def test_a_family_is_built_from_its_plugins_example_config(plugin_path):
+def test_a_family_is_built_from_its_plugins_example_config(diffulex_cli):
     """The GPT-2-shaped test family's defaults are over a million parameters; its plugin's example
     (what ``diffulex check`` builds) is tiny. It has no q_proj/v_proj, so no adapter at all."""
-    gpt2 = plugin_path("gpt2")
-    result, _ = demo("--family", "toygpt2", "--json", pythonpath=gpt2)
+    result = diffulex_cli("demo", "--family", "toygpt2", "--json", plugins=("gpt2",))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     ckpt = data["checkpoint"]
@@ -209,30 +212,29 @@ def test_a_family_is_built_from_its_plugins_example_config(plugin_path):
     assert ckpt["names"] == "diffulex_test_gpt2.model.to_checkpoint"
     assert data["parameters"] < 20_000 and data["identical_to_source"] is True and data["source_has_adapter"] is False
     assert data["lora"] is None and data["lora_note"].startswith("none: the checkpoint has no 2-D q_proj/v_proj")
-    out = demo("--family", "toygpt2", pythonpath=gpt2)[0].stdout
+    out = diffulex_cli("demo", "--family", "toygpt2", plugins=("gpt2",)).stdout
     assert ("model config from the diffulex_family_examples answer of plugin 'gpt2' (diffulex-test-gpt2 0.1.0), "
             "with the demo's vocabulary, special-token ids and dtype") in out
     assert "LoRA: none: the checkpoint has no 2-D q_proj/v_proj weight" in out and "LoRA skipped" not in out
     assert "adapter on the source" not in out and "loaded model reproduces the source's logits (1, 8, " in out
 
 
-def test_a_factory_example_config_is_used_and_a_family_without_one_is_refused(plugin_path):
-    noexample = plugin_path("check_noexample")
-    result, _ = demo("--family", "noexample-attr", "--json", pythonpath=noexample)
+def test_a_factory_example_config_is_used_and_a_family_without_one_is_refused(diffulex_cli):
+    result = diffulex_cli("demo", "--family", "noexample-attr", "--json", plugins=("check_noexample",))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["checkpoint"]["config_source"] == "diffulex_test_check_noexample.build_attr.example_config"
     assert data["checkpoint"]["config"]["hidden_size"] == 6  # the example's, not the factory's default 4
-    result, _ = demo("--family", "noexample-plain", pythonpath=noexample)
+    result = diffulex_cli("demo", "--family", "noexample-plain", plugins=("check_noexample",))
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
     assert ("FamilyError: family 'noexample-plain' of plugin 'check_noexample' (diffulex-test-check-noexample 0.1.0) "
             "gives no example config (diffulex_family_examples or factory.example_config)") in result.stderr
     assert "diffulex demo --checkpoint DIR --family noexample-plain" in result.stderr
 
 
-def test_without_family_the_first_family_with_an_example_is_chosen(plugin_path):
+def test_without_family_the_first_family_with_an_example_is_chosen(diffulex_cli):
     """``toy`` and ``toy-lazy`` sort first and give no example (``toy-ghost`` cannot even import)."""
-    result, _ = demo("--json", pythonpath=plugin_path("healthy", "gpt2"), DIFFULEX_PLUGINS="healthy,gpt2")
+    result = diffulex_cli("demo", "--json", plugins=("healthy", "gpt2"), DIFFULEX_PLUGINS="healthy,gpt2")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["families"][0] == "toy" and data["family"] == "toygpt2"

@@ -126,7 +126,8 @@ def test_rslora_with_rank_and_alpha_patterns_on_packed_shards(base, tmp_path):
                                rank_pattern={"v_proj": 2, "layers.1.mlp.up_proj": 6},
                                alpha_pattern={"layers.1.self_attn.q_proj": 3, "down_proj": 5})
     by_adapter = {a["adapter"]: a for adapters in model.diffulex_load_report.lora.modules.values() for a in adapters}
-    v0, up1, q1 = (by_adapter[f"model.layers.{n}"] for n in ("0.self_attn.v_proj", "1.mlp.up_proj", "1.self_attn.q_proj"))
+    v0, up1, q1 = (by_adapter[f"model.layers.{n}"]
+                   for n in ("0.self_attn.v_proj", "1.mlp.up_proj", "1.self_attn.q_proj"))
     assert (v0["r"], v0["scaling"]) == (2, 8 / math.sqrt(2))
     assert (up1["r"], q1["lora_alpha"], q1["scaling"]) == (6, 3, 3 / 2)
 
@@ -185,7 +186,8 @@ def test_checked_on_a_meta_model_then_written_after_the_base_load(base, tmp_path
     from diffulex_dream.model import build_dream
 
     reference, directory = base
-    peft_model = write_adapter(reference, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    peft_model = write_adapter(reference, tmp_path / "adapter", r=4, lora_alpha=8,
+                               target_modules=["q_proj", "down_proj"])
     with torch.device("meta"):
         model = build_dream(json.loads((directory / "config.json").read_text())).eval()
     prepared = prepare_lora(model, tmp_path / "adapter", merge=merge)
@@ -260,7 +262,8 @@ B0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     (lambda t: (t.pop(A0), t.pop(B0)), r"layers\.0\.self_attn\.q_proj.*selected by target_modules.*no tensors"),
     (lambda t: t.pop(B0), r"has lora_A .*but no lora_B"),
     (lambda t: t.__setitem__(A0, torch.zeros(8, 32)), r"q_proj\.lora_A\.weight.*shape \[8, 32\].*r=4"),
-    (lambda t: t.__setitem__(B0, torch.zeros(16, 4)), r"q_proj\.lora_B\.weight.*does not fit module model\.layers\.0\.self_attn\.qkv_proj"),
+    (lambda t: t.__setitem__(B0, torch.zeros(16, 4)),
+     r"q_proj\.lora_B\.weight.*does not fit module model\.layers\.0\.self_attn\.qkv_proj"),
     (lambda t: t.__setitem__("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight", torch.zeros(4, 32)),
      r"gate_proj.*not selected by target_modules"),
     (lambda t: t.__setitem__("base_model.model.model.norm.lora_A.weight", torch.zeros(4, 32)),
@@ -318,12 +321,14 @@ def test_use_lora_with_an_empty_path_loads_the_base_model_with_a_warning(base):
 
 
 def test_pre_merging_into_tied_weights_is_refused(tmp_path):
-    reference = randomized(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**QWEN2, "tie_word_embeddings": True})), 0)
+    tied = transformers.Qwen2Config(**{**QWEN2, "tie_word_embeddings": True})
+    reference = randomized(transformers.Qwen2ForCausalLM(tied), 0)
     reference.save_pretrained(tmp_path / "base")
     write_adapter(reference, tmp_path / "adapter", r=2, lora_alpha=2, target_modules=["lm_head", "q_proj"])
     model = dream(tmp_path / "base", None)
     before = snapshot(model)
-    with pytest.raises(LoraAdapterError, match=r"pre-merging into lm_head\.weight would change model\.embed_tokens\.weight"):
+    with pytest.raises(LoraAdapterError,
+                       match=r"pre-merging into lm_head\.weight would change model\.embed_tokens\.weight"):
         dream_into(model, tmp_path / "base", tmp_path / "adapter", merge=True)
     assert_unchanged(model, before)
 
@@ -364,7 +369,8 @@ def test_a_seed_protocol_module_with_rslora(tmp_path, merge):
     torch.manual_seed(0)
     source = TwoLayers()
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "model.safetensors")
-    peft_model = write_adapter(source, tmp_path / "adapter", r=3, lora_alpha=6, use_rslora=True, target_modules=["up", "down"])
+    peft_model = write_adapter(source, tmp_path / "adapter", r=3, lora_alpha=6, use_rslora=True,
+                               target_modules=["up", "down"])
     model = TwoLayers(SeedLinear)
     load_model(model, SimpleNamespace(model=str(tmp_path), use_lora=True, lora_path=str(tmp_path / "adapter"),
                                       pre_merge_lora=merge))
@@ -401,38 +407,53 @@ def test_diffulex_load_with_lora_and_merge(base, tmp_path, capsys):
     from diffulex_core.tools.cli import main
 
     write_adapter(base[0], tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    assert main(["load", str(base[1]), "--family", "dream", "--lora", str(tmp_path / "adapter"), "--merge", "--json"]) == 0
+    adapter = str(tmp_path / "adapter")
+    assert main(["load", str(base[1]), "--family", "dream", "--lora", adapter, "--merge", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["lora"]["merged"] and len(report["lora"]["modules"]) == 4
     assert main(["load", str(base[1]), "--family", "dream", "--lora", str(tmp_path / "adapter")]) == 0
-    assert "lora model.layers.1.self_attn.q_proj -> model.layers.1.self_attn.qkv_proj [shard 'q']  r=4" in capsys.readouterr().out
+    expected = "lora model.layers.1.self_attn.q_proj -> model.layers.1.self_attn.qkv_proj [shard 'q']  r=4"
+    assert expected in capsys.readouterr().out
     edit_config(tmp_path / "adapter", target_modules=["q_proj"])
     assert main(["load", str(base[1]), "--family", "dream", "--lora", str(tmp_path / "adapter")]) == 1
     assert "down_proj.lora_A.weight" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("merge", [False, True])
-def test_two_tensor_parallel_ranks_equal_peft(base, tmp_path, merge):
-    """Column (q/k/v shards of different ranks, gate/up), row (o, down), vocabulary (embedding, LM
-    head) adapters over 2 gloo ranks: logits equal PEFT's; merged weights are each rank's slice."""
-    from rank_launcher import launch
+@pytest.fixture(scope="module")
+def two_tensor_parallel_ranks(base, tmp_path_factory):
+    """One adapter on the base, loaded unmerged and merged over 2 gloo ranks, both in one launch:
+    (the PEFT model, the launch; ``launched.get(f"merge={merge}")``)."""
+    from rank_launcher import launch_many
 
     reference, directory = base
-    peft_model = write_adapter(reference, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=[*ALL, "embed_tokens", "lm_head"],
-                               rank_pattern={"k_proj": 2, "up_proj": 6})
+    root = tmp_path_factory.mktemp("tp-lora")
+    peft_model = write_adapter(reference, root / "adapter", r=4, lora_alpha=8, target_modules=[*ALL, "embed_tokens",
+                               "lm_head"], rank_pattern={"k_proj": 2, "up_proj": 6})
     config = json.loads((directory / "config.json").read_text())
-    results, out = launch({"kind": "dream", "config": config, "checkpoint": str(directory), "lora": str(tmp_path / "adapter"),
-                           "merge": merge, "input_ids": IDS.tolist()}, 2, tmp_path)
+    scenarios = {f"merge={merge}": {"kind": "dream", "config": config, "checkpoint": str(directory),
+                                    "lora": str(root / "adapter"), "merge": merge, "input_ids": IDS.tolist()}
+                 for merge in (False, True)}
+    return peft_model, launch_many(scenarios, 2, root)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_two_tensor_parallel_ranks_equal_peft(two_tensor_parallel_ranks, merge):
+    """Column (q/k/v shards of different ranks, gate/up), row (o, down), vocabulary (embedding, LM
+    head) adapters over 2 gloo ranks: logits equal PEFT's; merged weights are each rank's slice."""
+    peft_model, launched = two_tensor_parallel_ranks
+    results, out = launched.get(f"merge={merge}")
     assert all(r["ok"] for r in results), results
     expected = full_attention(peft_model)
     torch.testing.assert_close(load_file(out / "rank0.safetensors")["logits"], expected, rtol=1e-4, atol=1e-4)
     if merge:  # each rank merged its own rows (q) and columns (o): the slices of the single-process merge
-        merged = peft_model.merge_and_unload().state_dict()
+        merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
         q, o = merged["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.o_proj.weight"]
         for rank in range(2):
             tensors = load_file(out / f"rank{rank}.safetensors")
-            torch.testing.assert_close(tensors["param.model.layers.0.self_attn.qkv_proj.weight"][:16], q[16 * rank:16 * (rank + 1)])
-            torch.testing.assert_close(tensors["param.model.layers.0.self_attn.o_proj.weight"], o[:, 16 * rank:16 * (rank + 1)])
+            torch.testing.assert_close(tensors["param.model.layers.0.self_attn.qkv_proj.weight"][:16],
+                                       q[16 * rank:16 * (rank + 1)])
+            torch.testing.assert_close(tensors["param.model.layers.0.self_attn.o_proj.weight"],
+                                       o[:, 16 * rank:16 * (rank + 1)])
 
 
 # --------------------------------------------------------------------------- names through packed mappings
@@ -498,7 +519,8 @@ def test_llada_names_reach_packed_shards_the_output_projection_and_the_head(tmp_
                                                           lora_path=str(tmp_path / "adapter"), pre_merge_lora=merge))
         edit_config(tmp_path / "adapter", exclude_modules=None)
     modules = loaded[True].diffulex_load_report.lora.modules
-    assert sorted(modules) == ["lm_head", *(f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.down_proj", "self_attn.o_proj")),
+    assert sorted(modules) == ["lm_head", *(f"model.layers.{i}.{m}" for i in range(2)
+                                            for m in ("mlp.down_proj", "self_attn.o_proj")),
                                "model.layers.1.self_attn.qkv_proj"]
     assert modules["model.layers.1.self_attn.qkv_proj"][0]["shard_id"] == "q"
     merged = to_hf_state_dict(loaded[True])

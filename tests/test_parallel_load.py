@@ -1,9 +1,11 @@
 """Tensor- and expert-parallel loading with real processes: gloo over TCP on CPU, as torchrun runs them.
 
-Each test writes a checkpoint, launches 2 or 4 ranks of ``parallel_worker.py``, and compares what
-every rank loaded with a load in this (single) process: each rank's parameters are exactly its
-slice of the single-process parameters, the tensor-parallel logits equal the single-process ones,
-and each rank read only about its share of the checkpoint's bytes.
+Each test's scenario (a checkpoint written by its ``prepare_*`` function) runs on 2 or 4 ranks of
+``parallel_worker.py``, and the test compares what every rank loaded with a load in this (single)
+process: each rank's parameters are exactly its slice of the single-process parameters, the
+tensor-parallel logits equal the single-process ones, and each rank read only about its share of
+the checkpoint's bytes. The 2-rank scenarios share one launch (``two_ranks``: one process group,
+the scenarios in turn); a scenario that leaves no result fails its own test, by name.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffulex_core.loader import load_checkpoint
-from rank_launcher import INPUT_IDS, launch
+from rank_launcher import INPUT_IDS, launch, launch_many
 
 LLADA = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 96,
          "vocab_size": 255, "weight_tying": False}
@@ -80,16 +82,44 @@ def expected_shard(name: str, full: torch.Tensor, rank: int, tp: int, config: di
     return full  # norms: replicated
 
 
-def check_dense(tmp_path: Path, config: dict, world: int) -> None:
+TWO_RANKS = {}  # scenario name -> prepare(directory) -> (scenario, what the test needs)
+
+
+def two_rank_scenario(prepare):
+    TWO_RANKS[prepare.__name__.removeprefix("prepare_")] = prepare
+    return prepare
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, tuple[object, list[dict], Path]]:
+    """Every 2-rank scenario of this module, prepared, then run in one launch of 2 ranks:
+    ``two_ranks[name]()`` -> (what its prepare returned for the test, each rank's result, output directory)."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    prepared = {}
+    for name, prepare in TWO_RANKS.items():
+        (root / name).mkdir()
+        prepared[name] = prepare(root / name)
+    launched = launch_many({name: scenario for name, (scenario, _) in prepared.items()}, 2, root)
+    return {name: (lambda name=name, context=context: (context, *launched.get(name)))
+            for name, (_, context) in prepared.items()}
+
+
+def prepare_dense(tmp_path: Path, config: dict) -> tuple[dict, dict]:
     checkpoint = tmp_path / "ckpt"
     _, checkpoint_bytes = write_llada_checkpoint(checkpoint, config)
+    scenario = {"kind": "llada", "config": config, "checkpoint": str(checkpoint)}
+    return scenario, {"checkpoint": checkpoint, "bytes": checkpoint_bytes, "config": config}
+
+
+def check_dense(context: dict, results: list[dict], out: Path, world: int) -> None:
+    checkpoint, checkpoint_bytes, config = context["checkpoint"], context["bytes"], context["config"]
     reference = single_process_load(checkpoint, config)
-    results, out = launch({"kind": "llada", "config": config, "checkpoint": str(checkpoint)}, world, tmp_path)
     full = reference.state_dict()
     for rank, result in enumerate(results):
         assert result["ok"], result.get("traceback")
         report = result["report"]
-        assert report["ok"] and report["parallel"] == {"tp_rank": rank, "tp_size": world, "ep_rank": rank, "ep_size": world}
+        assert report["ok"] and report["parallel"] == {"tp_rank": rank, "tp_size": world, "ep_rank": rank,
+                                                       "ep_size": world}
         assert report["bytes_total"] == checkpoint_bytes
         share = report["bytes_read"] / checkpoint_bytes
         assert share <= 1 / world + 0.05, f"rank {rank} read {share:.1%} of the checkpoint"
@@ -105,15 +135,24 @@ def check_dense(tmp_path: Path, config: dict, world: int) -> None:
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_two_ranks_load_their_slices_and_compute_the_single_process_logits(tmp_path):
-    check_dense(tmp_path, LLADA, world=2)
+@two_rank_scenario
+def prepare_dense_two(tmp_path: Path):
+    return prepare_dense(tmp_path, LLADA)
+
+
+def test_two_ranks_load_their_slices_and_compute_the_single_process_logits(two_ranks):
+    context, results, out = two_ranks["dense_two"]()
+    check_dense(context, results, out, world=2)
 
 
 def test_four_ranks_with_replicated_kv_heads_and_tied_embeddings(tmp_path):
-    check_dense(tmp_path, {**LLADA, "n_kv_heads": 2, "weight_tying": True}, world=4)
+    scenario, context = prepare_dense(tmp_path, {**LLADA, "n_kv_heads": 2, "weight_tying": True})
+    results, out = launch(scenario, 4, tmp_path)
+    check_dense(context, results, out, world=4)
 
 
-def test_a_rank_missing_its_file_fails_every_rank_with_the_same_error(tmp_path):
+@two_rank_scenario
+def prepare_missing_file(tmp_path: Path):
     checkpoint = tmp_path / "ckpt"
     write_llada_checkpoint(checkpoint, LLADA)
     broken = tmp_path / "broken"
@@ -121,15 +160,19 @@ def test_a_rank_missing_its_file_fails_every_rank_with_the_same_error(tmp_path):
     for file in checkpoint.iterdir():
         if not file.name.startswith("model-00002"):
             (broken / file.name).write_bytes(file.read_bytes())
-    scenario = {"kind": "llada", "config": LLADA, "checkpoints": [str(checkpoint), str(broken)]}
-    results, _ = launch(scenario, 2, tmp_path)
+    return {"kind": "llada", "config": LLADA, "checkpoints": [str(checkpoint), str(broken)]}, None
+
+
+def test_a_rank_missing_its_file_fails_every_rank_with_the_same_error(two_ranks):
+    _, results, _ = two_ranks["missing_file"]()
     for result in results:
         assert not result["ok"] and result["type"] == "ParallelLoadError", result
         assert "rank(s) 1" in result["message"] and "model-00002-of-00002.safetensors" in result["message"]
     assert results[1]["cause"] == "CheckpointFormatError" and results[0]["cause"] is None
 
 
-def test_a_plan_problem_on_one_rank_stops_every_rank_before_writing(tmp_path):
+@two_rank_scenario
+def prepare_plan_problem(tmp_path: Path):
     checkpoint = tmp_path / "ckpt"
     write_llada_checkpoint(checkpoint, LLADA)
     extra = tmp_path / "extra"
@@ -138,15 +181,24 @@ def test_a_plan_problem_on_one_rank_stops_every_rank_before_writing(tmp_path):
     index = json.loads((extra / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.transformer.stray.weight"] = "stray.safetensors"
     (extra / "model.safetensors.index.json").write_text(json.dumps(index))
-    results, _ = launch({"kind": "llada", "config": LLADA, "checkpoints": [str(checkpoint), str(extra)]}, 2, tmp_path)
+    return {"kind": "llada", "config": LLADA, "checkpoints": [str(checkpoint), str(extra)]}, None
+
+
+def test_a_plan_problem_on_one_rank_stops_every_rank_before_writing(two_ranks):
+    _, results, _ = two_ranks["plan_problem"]()
     for result in results:
         assert not result["ok"] and result["type"] == "ParallelLoadError", result
         assert "rank(s) 1" in result["message"] and "stray" in result["message"]
 
 
-def test_heads_the_group_does_not_divide_fail_on_every_rank(tmp_path):
+@two_rank_scenario
+def prepare_heads_not_divided(tmp_path: Path):
     config = {**LLADA, "n_heads": 3, "n_kv_heads": 3, "d_model": 48}
-    results, _ = launch({"kind": "llada", "config": config, "checkpoint": str(tmp_path)}, 2, tmp_path)
+    return {"kind": "llada", "config": config, "checkpoint": str(tmp_path)}, None
+
+
+def test_heads_the_group_does_not_divide_fail_on_every_rank(two_ranks):
+    _, results, _ = two_ranks["heads_not_divided"]()
     for result in results:
         assert not result["ok"] and result["type"] == "ParallelConfigError", result
         assert "3" in result["message"] and "2" in result["message"]
@@ -155,7 +207,8 @@ def test_heads_the_group_does_not_divide_fail_on_every_rank(tmp_path):
 MOE = {"vocab": 101, "hidden": 32, "layers": 2, "experts": 8, "top_k": 2, "inter": 16}
 
 
-def test_expert_parallel_ranks_read_only_their_experts(tmp_path):
+@two_rank_scenario
+def prepare_expert_parallel(tmp_path: Path):
     from diffulex_layers.testing import TinyMoeLM, moe_checkpoint_tensors, seeded
 
     source = seeded(TinyMoeLM, MOE, seed=3)
@@ -163,10 +216,14 @@ def test_expert_parallel_ranks_read_only_their_experts(tmp_path):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     save_file(tensors, str(checkpoint / "model.safetensors"))
-    nbytes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     ids = torch.tensor(INPUT_IDS) % MOE["vocab"]
-    results, out = launch({"kind": "moe", "config": MOE, "checkpoint": str(checkpoint), "input_ids": ids.tolist()},
-                          2, tmp_path)
+    scenario = {"kind": "moe", "config": MOE, "checkpoint": str(checkpoint), "input_ids": ids.tolist()}
+    return scenario, (source, tensors, ids)
+
+
+def test_expert_parallel_ranks_read_only_their_experts(two_ranks):
+    (source, tensors, ids), results, out = two_ranks["expert_parallel"]()
+    nbytes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
     full = source.state_dict()
     per_rank = MOE["experts"] // 2
     for rank, result in enumerate(results):
@@ -193,17 +250,18 @@ def test_expert_parallel_ranks_read_only_their_experts(tmp_path):
     torch.testing.assert_close(load_file(str(out / "rank0.safetensors"))["logits"], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_sdar_moe_from_a_transformers_checkpoint_on_two_ranks_equals_one(tmp_path):
-    """Tensor-parallel attention, expert-parallel experts, block-causal attention, all at once."""
+@two_rank_scenario
+def prepare_sdar_moe(tmp_path: Path):
     import transformers
 
     from diffulex_sdar.model import build_sdar_moe
 
     torch.manual_seed(7)
-    hf_config = transformers.Qwen3MoeConfig(vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                            head_dim=16, intermediate_size=48, num_hidden_layers=2, num_experts=4,
-                                            num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=[1],
-                                            norm_topk_prob=True, tie_word_embeddings=False)
+    hf_config = transformers.Qwen3MoeConfig(vocab_size=101, hidden_size=32, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=16, intermediate_size=48,
+                                            num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=16, mlp_only_layers=[1], norm_topk_prob=True,
+                                            tie_word_embeddings=False)
     source = transformers.Qwen3MoeForCausalLM(hf_config)
     with torch.no_grad():
         for param in source.parameters():
@@ -215,8 +273,13 @@ def test_sdar_moe_from_a_transformers_checkpoint_on_two_ranks_equals_one(tmp_pat
         reference = build_sdar_moe(config)
     assert load_checkpoint(reference, checkpoint, device="cpu").ok
     ids = torch.tensor(INPUT_IDS) % 101
-    results, out = launch({"kind": "sdar_moe", "config": config, "checkpoint": str(checkpoint),
-                           "input_ids": ids.tolist()}, 2, tmp_path)
+    scenario = {"kind": "sdar_moe", "config": config, "checkpoint": str(checkpoint), "input_ids": ids.tolist()}
+    return scenario, (reference, ids)
+
+
+def test_sdar_moe_from_a_transformers_checkpoint_on_two_ranks_equals_one(two_ranks):
+    """Tensor-parallel attention, expert-parallel experts, block-causal attention, all at once."""
+    (reference, ids), results, out = two_ranks["sdar_moe"]()
     for rank, result in enumerate(results):
         assert result["ok"], result.get("traceback")
         report = result["report"]

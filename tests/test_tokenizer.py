@@ -4,48 +4,40 @@ Tokenizer files are made here with the ``tokenizers`` library and saved by each 
 major version (``tests/compat/tokenizer_tool.py``); they are loaded by the project's transformers 5
 and, in a second virtual environment created on first use, by transformers 4.57 (which has the
 list-``extra_special_tokens`` bug and lacks ``TokenizersBackend``).
+
+That environment is built once (``.venv-transformers4``, kept between sessions), in the background
+as soon as a test that needs it is collected (tests/session_builds.py). Loads that share an environment (same
+interpreter, PYTHONPATH and variables) run as one subprocess of several jobs (the tool's ``batch``),
+each job with its own captured output, so each check still has its own result and message.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
-import venv
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from diffulex_core.errors import TokenizerLoadError
 from diffulex_core.tokenizer import auto_tokenizer_from_pretrained, coerce_extra_special_tokens
+from session_builds import TRANSFORMERS4
 
-ROOT = Path(__file__).resolve().parents[1]
 TOOL = Path(__file__).parent / "compat" / "tokenizer_tool.py"
-TRANSFORMERS4 = "transformers==4.57.6"
-COMPAT_VENV = ROOT / ".venv-transformers4"
 
 
 @pytest.fixture(scope="session")
 def python4() -> str:
     """A Python with transformers 4.57 and diffulex-core (no torch: tokenizers do not need it)."""
-    python = COMPAT_VENV / "bin" / "python"
-    marker = COMPAT_VENV / "diffulex-compat.txt"
-    wanted = f"{TRANSFORMERS4}\n{ROOT}\n"
-    if not (python.exists() and marker.exists() and marker.read_text() == wanted):
-        venv.create(COMPAT_VENV, with_pip=True, clear=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        subprocess.run([*pip, TRANSFORMERS4, "pluggy"], check=True, timeout=900)
-        subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True, timeout=300)
-        marker.write_text(wanted)
-    return str(python)
+    return TRANSFORMERS4.result()
 
 
-def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = None, env: dict | None = None,
-         cwd: Path | None = None, timeout: float = 300) -> dict:
-    """Run the tool; stdin is closed, so a "run the custom code?" prompt could never wait for input.
-
-    ``env`` adds variables (a value of None removes one)."""
+def tool_env(pythonpath: str = "", modules: Path | None = None, env: dict | None = None) -> dict[str, str]:
+    """The tool's environment; ``env`` adds variables (a value of None removes one)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFULEX_", "PYTHONPATH"))}
     base["PYTHONPATH"] = pythonpath
     if modules is not None:  # where transformers would copy remote code it imports
@@ -55,8 +47,14 @@ def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = N
             base.pop(key, None)
         else:
             base[key] = value
-    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=timeout, env=base,
-                            stdin=subprocess.DEVNULL, cwd=cwd)
+    return base
+
+
+def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = None, env: dict | None = None,
+         cwd: Path | None = None, timeout: float = 300) -> dict:
+    """Run the tool; stdin is closed, so a "run the custom code?" prompt could never wait for input."""
+    result = subprocess.run([python, str(TOOL), *args], capture_output=True, text=True, timeout=timeout,
+                            env=tool_env(pythonpath, modules, env), stdin=subprocess.DEVNULL, cwd=cwd)
     assert result.returncode == 0, result.stderr
     if not result.stdout:
         return {}
@@ -66,18 +64,98 @@ def tool(python: str, *args: str, pythonpath: str = "", modules: Path | None = N
     return {**json.loads(result.stdout[start:]), "stderr": result.stdout[:start] + result.stderr}
 
 
+def tools(python: str, *jobs: list[str], watch: tuple[Path, ...] = (), pythonpath: str = "",
+          modules: Path | None = None, timeout: float = 300) -> list[dict]:
+    """``tool`` for several command lines, run in order in one process (stdin closed): one result
+    per job, as ``tool`` returns it, its "stderr" that job's own output. ``watch``: paths the tool
+    lists after each job (``result["after"][str(path)]``: None if missing, else every path under
+    it, relative), for what must hold between two jobs."""
+    with tempfile.TemporaryDirectory(prefix="tokenizer-tool-") as out:
+        jobs_file = Path(out, "jobs.json")
+        jobs_file.write_text(json.dumps({"jobs": [list(job) for job in jobs], "watch": [str(p) for p in watch]}))
+        done = subprocess.run([python, str(TOOL), "batch", str(jobs_file), out], capture_output=True, text=True,
+                              timeout=timeout, env=tool_env(pythonpath, modules), stdin=subprocess.DEVNULL)
+        results_file = Path(out, "results.jsonl")
+        lines = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
+    assert done.returncode == 0 and len(lines) == len(jobs), (f"{len(lines)} of {len(jobs)} jobs done", done.stderr)
+    results = []
+    for line in lines:
+        if line["result"] is None:  # save
+            results.append({})
+        else:
+            results.append({**line["result"], "stderr": line["stdout"] + line["stderr"], "after": line["after"]})
+    return results
+
+
 @pytest.fixture(scope="session")
 def written(tmp_path_factory, python4) -> dict[str, Path]:
     """Tokenizer directories saved by each version: v5-list, v5-dict, v4-dict, v4-none."""
     dirs = {}
     for python, major in ((sys.executable, "v5"), (python4, "v4")):
+        jobs = []
         for extra in ("list", "dict", "none"):
             if major == "v4" and extra == "list":
                 continue  # transformers 4.57 cannot even save a list (that is the bug)
             directory = tmp_path_factory.mktemp(f"{major}-{extra}")
-            tool(python, "save", str(directory), "--extra", extra)
+            jobs.append(["save", str(directory), "--extra", extra])
             dirs[f"{major}-{extra}"] = directory
+        tools(python, *jobs)
     return dirs
+
+
+WRITTEN = ["v5-list", "v5-dict", "v5-none", "v4-dict", "v4-none"]
+CALLER_NAMES = {"my_mask_token": "<|mask|>", "my_start_token": "<|im_start|>", "my_end_token": "<|im_end|>"}
+
+
+def list_only_dir(written, root: Path) -> Path:
+    """transformers 4's files with a list of extra special tokens in their config."""
+    directory = root / "list-only"
+    directory.mkdir()
+    for file in written["v4-dict"].iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = ["<|mask|>", "<|im_start|>", "<|im_end|>"]
+    for name in ("mask_extra_token", "im_start_token", "im_end_token"):
+        config.pop(name, None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def no_such_class_dir(written, root: Path) -> Path:
+    directory = root / "no-such-class"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizerFast"}))
+    return directory
+
+
+class Results(dict):
+    """Results shared by several tests: each reads its own copy."""
+
+    def __getitem__(self, key):
+        return copy.deepcopy(super().__getitem__(key))
+
+
+@pytest.fixture(scope="module")
+def plain_env_loads(written, python4, tmp_path_factory) -> Results:
+    """The loads that need no variable, plugin or module cache of their own, one process per
+    version (plain AutoTokenizer's, expected to fail, last): ``(major, what)``, ``what`` a name
+    of ``written``, ``list-only`` or ``no-such-class``, prefixed ``plain `` for plain AutoTokenizer,
+    or ``caller-names v5-list`` (CALLER_NAMES passed)."""
+    root = tmp_path_factory.mktemp("plain-env")
+    dirs = {**written, "list-only": list_only_dir(written, root), "no-such-class": no_such_class_dir(written, root)}
+    ours = [*WRITTEN, "list-only", "no-such-class"]
+    jobs = {("v5", name): ["load", str(dirs[name])] for name in ours}
+    jobs |= {("v4", name): ["load", str(dirs[name])] for name in ours}
+    jobs[("v4", "caller-names v5-list")] = ["load", str(written["v5-list"]), "--extra-json", json.dumps(CALLER_NAMES)]
+    jobs[("v5", "plain no-such-class")] = ["load", str(dirs["no-such-class"]), "--plain"]
+    jobs |= {("v4", f"plain {name}"): ["load", str(dirs[name]), "--plain"]
+             for name in ("v5-list", "list-only", "no-such-class")}
+    loads = Results()
+    for major, python in (("v5", sys.executable), ("v4", python4)):
+        keys = [key for key in jobs if key[0] == major]
+        loads |= dict(zip(keys, tools(python, *(jobs[key] for key in keys)), strict=True))
+    return loads
 
 
 def same_keys(*results: dict) -> None:  # drop what differs from run to run
@@ -96,16 +174,15 @@ def test_transformers5_files_are_written_the_way_that_breaks_transformers4(writt
     assert config["extra_special_tokens"] == ["<|mask|>", "<|im_start|>", "<|im_end|>"]
 
 
-def test_plain_autotokenizer_under_transformers4_fails_on_transformers5_files(written, python4):
+def test_plain_autotokenizer_under_transformers4_fails_on_transformers5_files(plain_env_loads):
     """Why the fallbacks exist: without them, transformers 4.57 cannot load these files."""
-    plain = tool(python4, "load", str(written["v5-list"]), "--plain")
+    plain = plain_env_loads["v4", "plain v5-list"]
     assert plain["error"] == "ValueError" and "TokenizersBackend does not exist" in plain["message"]
 
 
-@pytest.mark.parametrize("name", ["v5-list", "v5-dict", "v5-none", "v4-dict", "v4-none"])
-def test_files_load_with_identical_encodings_under_both_versions(written, python4, name):
-    new = tool(sys.executable, "load", str(written[name]))
-    old = tool(python4, "load", str(written[name]))
+@pytest.mark.parametrize("name", WRITTEN)
+def test_files_load_with_identical_encodings_under_both_versions(plain_env_loads, name):
+    new, old = plain_env_loads["v5", name], plain_env_loads["v4", name]
     assert new["transformers"].startswith("5.") and old["transformers"].startswith("4.57")
     assert "error" not in new and "error" not in old, (new, old)
     assert comparable(new) == comparable(old)
@@ -117,41 +194,30 @@ def test_files_load_with_identical_encodings_under_both_versions(written, python
     assert new["fixups"] == []  # transformers 5 needs no fix for any of them
 
 
-def test_transformers5_files_under_transformers4_say_which_fixes_were_applied(written, python4):
-    old = tool(python4, "load", str(written["v5-list"]))
+def test_transformers5_files_under_transformers4_say_which_fixes_were_applied(plain_env_loads):
+    old = plain_env_loads["v4", "v5-list"]
     assert old["class"] == "PreTrainedTokenizerFast"
     assert old["fixups"] == ["plugin:diffulex-core (tokenizer_class)",
                              "builtin:extra_special_tokens list->dict (extra_special_tokens)"]
-    named = tool(python4, "load", str(written["v5-dict"]))
+    named = plain_env_loads["v4", "v5-dict"]
     assert named["fixups"] == ["plugin:diffulex-core (extra_special_tokens, tokenizer_class)"]
 
 
-def test_list_fallback_alone(written, python4, tmp_path):
+def test_list_fallback_alone(plain_env_loads):
     """A list in a config whose class transformers 4 knows: only the list fix is needed, and it is."""
-    directory = tmp_path / "list-only"
-    directory.mkdir()
-    for file in written["v4-dict"].iterdir():
-        (directory / file.name).write_bytes(file.read_bytes())
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    config["extra_special_tokens"] = ["<|mask|>", "<|im_start|>", "<|im_end|>"]
-    for name in ("mask_extra_token", "im_start_token", "im_end_token"):
-        config.pop(name, None)
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    plain = tool(python4, "load", str(directory), "--plain")
+    plain, old = plain_env_loads["v4", "plain list-only"], plain_env_loads["v4", "list-only"]
     assert "error" in plain  # the bug, as an AttributeError or the ImportError transformers raises over it
-    old = tool(python4, "load", str(directory))
     assert old["fixups"] == ["builtin:extra_special_tokens list->dict (extra_special_tokens)"]
-    assert comparable(old) == comparable(tool(sys.executable, "load", str(directory)))
+    assert comparable(old) == comparable(plain_env_loads["v5", "list-only"])
     # Diffulex's names, standard ones included: "<|mask|>" is named (and so becomes) mask_token
     assert old["extra_names"] == {"mask_token": "<|mask|>", "im_start_token": "<|im_start|>",
                                   "im_end_token": "<|im_end|>"}
 
 
-def test_extra_special_tokens_passed_by_the_caller_are_never_overridden(written, python4):
-    mine = {"my_mask_token": "<|mask|>", "my_start_token": "<|im_start|>", "my_end_token": "<|im_end|>"}
-    old = tool(python4, "load", str(written["v5-list"]), "--extra-json", json.dumps(mine))
+def test_extra_special_tokens_passed_by_the_caller_are_never_overridden(plain_env_loads):
+    old = plain_env_loads["v4", "caller-names v5-list"]
     assert old["fixups"] == ["plugin:diffulex-core (tokenizer_class)"]
-    assert old["caller_names"] == mine
+    assert old["caller_names"] == CALLER_NAMES
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
@@ -169,14 +235,9 @@ def test_unreadable_tokenizer_config_names_the_file(written, tmp_path):
 
 
 @pytest.mark.parametrize("major", ["v5", "v4"])
-def test_a_tokenizer_class_that_does_not_exist_surfaces_unchanged(written, python4, tmp_path, major):
+def test_a_tokenizer_class_that_does_not_exist_surfaces_unchanged(plain_env_loads, major):
     """Whatever plain AutoTokenizer does with an unknown class, we do the same: no fix hides it."""
-    python = sys.executable if major == "v5" else python4
-    directory = tmp_path / "no-such-class"
-    directory.mkdir()
-    (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizerFast"}))
-    plain, ours = tool(python, "load", str(directory), "--plain"), tool(python, "load", str(directory))
+    plain, ours = plain_env_loads[major, "plain no-such-class"], plain_env_loads[major, "no-such-class"]
     if major == "v4":
         assert plain["error"] == "ValueError" and "NoSuchTokenizerFast does not exist" in plain["message"]
     same_keys(ours, plain)
@@ -190,7 +251,8 @@ def tokenizer_dir(written, tmp_path, tokenizer_class: str) -> Path:
     directory = tmp_path / tokenizer_class
     directory.mkdir()
     (directory / "tokenizer.json").write_bytes((written["v5-list"] / "tokenizer.json").read_bytes())
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": tokenizer_class, "eos_token": "</s>"}))
+    config = {"tokenizer_class": tokenizer_class, "eos_token": "</s>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 
 
@@ -198,25 +260,32 @@ def tokenizer_dir(written, tmp_path, tokenizer_class: str) -> Path:
 # under transformers 4, where an unknown class is an error a plugin can fix.
 
 
-def test_plugin_fixup_is_applied_logged_and_named(written, python4, plugin_path, tmp_path):
-    result = tool(python4, "load", str(tokenizer_dir(written, tmp_path, "FamilyXTokenizer")),
-                  pythonpath=plugin_path("tokfix"))
+@pytest.fixture(scope="module")
+def tokfix_loads(written, python4, plugin_path, tmp_path_factory) -> dict[str, dict]:
+    """Under transformers 4 with the tokfix test plugin installed, one process: a load of a
+    directory of each tokenizer class, by class."""
+    classes = ("FamilyXTokenizer", "NeedsRemoteCode", "BrokenFixup")
+    root = tmp_path_factory.mktemp("tokfix")
+    jobs = [["load", str(tokenizer_dir(written, root, name))] for name in classes]
+    return dict(zip(classes, tools(python4, *jobs, pythonpath=plugin_path("tokfix")), strict=True))
+
+
+def test_plugin_fixup_is_applied_logged_and_named(tokfix_loads):
+    result = tokfix_loads["FamilyXTokenizer"]
     assert result["fixups"] == ["plugin:tokfix (tokenizer_class)"]
     assert result["class"] == "PreTrainedTokenizerFast" and result["encodings"][0] == [7, 8]
     assert result["special"]["eos_token"] == "</s>"
     assert "loaded with fixes: plugin:tokfix (tokenizer_class)" in result["stderr"]
 
 
-def test_a_fixup_may_not_turn_on_remote_code(written, python4, plugin_path, tmp_path):
-    result = tool(python4, "load", str(tokenizer_dir(written, tmp_path, "NeedsRemoteCode")),
-                  pythonpath=plugin_path("tokfix"))
+def test_a_fixup_may_not_turn_on_remote_code(tokfix_loads):
+    result = tokfix_loads["NeedsRemoteCode"]
     assert result["error"] == "TokenizerLoadError"
     assert "plugin 'tokfix'" in result["message"] and "trust_remote_code" in result["message"]
 
 
-def test_a_fixup_that_raises_names_its_plugin(written, python4, plugin_path, tmp_path):
-    result = tool(python4, "load", str(tokenizer_dir(written, tmp_path, "BrokenFixup")),
-                  pythonpath=plugin_path("tokfix"))
+def test_a_fixup_that_raises_names_its_plugin(tokfix_loads):
+    result = tokfix_loads["BrokenFixup"]
     assert result["error"] == "TokenizerLoadError"
     assert "plugin 'tokfix'" in result["message"] and "RuntimeError: fixup exploded" in result["message"]
 
@@ -286,14 +355,35 @@ def dangling_auto_map_dir(written, tmp_path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def dangling_loads(written, python4, tmp_path_factory):
+    """``dangling_loads(major)``: one process of that version, in this order, on one directory
+    (``dangling_auto_map_dir``) and one module cache: our load without trust_remote_code
+    ("ours-untrusted"), plain AutoTokenizer's and ours with it ("plain", "ours"), and a load of
+    the files as transformers 5 wrote them ("declared"); and the module cache directory."""
+    runs = {}
+
+    def run(major: str) -> tuple[Results, Path]:
+        if major not in runs:
+            root = tmp_path_factory.mktemp(f"dangling-{major}")
+            directory, modules = dangling_auto_map_dir(written, root), root / "hf-modules"
+            jobs = {"ours-untrusted": ["load", str(directory)],
+                    "plain": ["load", str(directory), "--plain", "--trust-remote-code"],
+                    "ours": ["load", str(directory), "--trust-remote-code"],
+                    "declared": ["load", str(written["v5-list"])]}
+            python = sys.executable if major == "v5" else python4
+            runs[major] = Results(zip(jobs, tools(python, *jobs.values(), modules=modules), strict=True)), modules
+        return runs[major]
+
+    return run
+
+
 @pytest.mark.parametrize("major", ["v5", "v4"])
-def test_dangling_auto_map_loads_as_the_declared_class(written, python4, tmp_path, major):
-    python = sys.executable if major == "v5" else python4
-    directory, modules = dangling_auto_map_dir(written, tmp_path), tmp_path / "hf-modules"
+def test_dangling_auto_map_loads_as_the_declared_class(dangling_loads, major):
+    loads, modules = dangling_loads(major)
     # what plain AutoTokenizer does: with trust_remote_code=True it imports the module, which is not there
-    plain = tool(python, "load", str(directory), "--plain", "--trust-remote-code", modules=modules)
+    plain, ours, declared = loads["plain"], loads["ours"], loads["declared"]
     assert plain["error"] == "OSError" and "tokenization_foo.py" in plain["message"]
-    ours = tool(python, "load", str(directory), "--trust-remote-code", modules=modules)
     assert "error" not in ours, ours
     expected = ["plugin:diffulex-core (tokenizer_class)"]
     if major == "v4":  # then the list those files hold, as for any transformers 5 files
@@ -302,29 +392,29 @@ def test_dangling_auto_map_loads_as_the_declared_class(written, python4, tmp_pat
     assert "loaded with fixes: plugin:diffulex-core (tokenizer_class)" in ours["stderr"]
     assert ours["encodings"][1] == [5, 9, 10, 11, 12, 6] and ours["extra_ids"] == [4, 5, 6]
     assert ours["decoded_skip_special"][:3] == ["hello world", "diffusion is fun !", "hello world"]
-    assert comparable(ours) == comparable(tool(python, "load", str(written["v5-list"])))
+    assert comparable(ours) == comparable(declared)
     assert not modules.exists() or not any(modules.rglob("tokenization_foo*"))
 
 
 @pytest.mark.parametrize("major", ["v5", "v4"])
-def test_dangling_auto_map_without_remote_code_needs_no_class_fix_and_never_prompts(written, python4, tmp_path,
-                                                                                    major):
+def test_dangling_auto_map_without_remote_code_needs_no_class_fix_and_never_prompts(dangling_loads, major):
     """Without trust_remote_code transformers uses the declared class itself: no prompt, no fix of ours."""
-    python = sys.executable if major == "v5" else python4
-    ours = tool(python, "load", str(dangling_auto_map_dir(written, tmp_path)), modules=tmp_path / "hf-modules")
+    ours = dangling_loads(major)[0]["ours-untrusted"]
     assert "error" not in ours, ours
     assert "custom code" not in ours["stderr"]
-    assert ours["fixups"] == ([] if major == "v5" else ["builtin:extra_special_tokens list->dict (extra_special_tokens)"])
+    list_fix = "builtin:extra_special_tokens list->dict (extra_special_tokens)"
+    assert ours["fixups"] == ([] if major == "v5" else [list_fix])
     assert ours["encodings"][1] == [5, 9, 10, 11, 12, 6]
 
 
 def test_an_auto_map_module_that_is_there_but_fails_surfaces_unchanged(written, tmp_path):
     """Only a missing module is dangling: remote code that exists and fails is the caller's to see."""
     directory = dangling_auto_map_dir(written, tmp_path)
-    (directory / "tokenization_foo.py").write_text("import diffulex_no_such_package_xyz\n\n\nclass FooTokenizer:\n    pass\n")
+    (directory / "tokenization_foo.py").write_text(
+        "import diffulex_no_such_package_xyz\n\n\nclass FooTokenizer:\n    pass\n")
     modules = tmp_path / "hf-modules"
-    plain = tool(sys.executable, "load", str(directory), "--plain", "--trust-remote-code", modules=modules)
-    ours = tool(sys.executable, "load", str(directory), "--trust-remote-code", modules=modules)
+    plain, ours = tools(sys.executable, ["load", str(directory), "--plain", "--trust-remote-code"],
+                        ["load", str(directory), "--trust-remote-code"], modules=modules)
     assert plain["error"] == "ImportError" and "diffulex_no_such_package_xyz" in plain["message"]
     same_keys(ours, plain)
     assert ours == plain
@@ -367,32 +457,62 @@ def custom_code_dir(written, tmp_path, variant: str) -> tuple[Path, Path]:
 PROMPT = "Do you wish to run the custom code?"
 
 
-@pytest.mark.parametrize("variant", ["fast", "slow", "config"])
-@pytest.mark.parametrize("major", ["v5", "v4"])
-def test_custom_code_is_never_prompted_for_nor_run_unless_the_caller_trusts_it(written, python4, tmp_path, major,
-                                                                                variant):
-    python = sys.executable if major == "v5" else python4
-    directory, marker = custom_code_dir(written, tmp_path, variant)
-    modules = tmp_path / "hf-modules"
-    # the real case: plain AutoTokenizer prompts (and, stdin being closed, gives up)
-    plain = tool(python, "load", str(directory), "--plain", modules=modules)
-    assert PROMPT in plain["stderr"]
-    assert not marker.exists()
+VARIANTS = ("fast", "slow", "config")
 
-    ours = tool(python, "load", str(directory), modules=modules)
+
+@pytest.fixture(scope="module")
+def custom_code_loads(written, python4, tmp_path_factory):
+    """``custom_code_loads(major)``: one process of that version, one module cache, every variant
+    of ``custom_code_dir``: first plain AutoTokenizer's load and ours of each (no variant's code
+    trusted yet), then ours with trust_remote_code of each; each job lists every marker and the
+    module cache after it (``result["after"]``). Returns ({(variant, "plain"|"ours"|"trusted"):
+    result}, {variant: marker}, the module cache)."""
+    runs = {}
+
+    def run(major: str):
+        if major not in runs:
+            root = tmp_path_factory.mktemp(f"custom-code-{major}")
+            dirs, markers = {}, {}
+            for variant in VARIANTS:
+                dirs[variant], markers[variant] = custom_code_dir(written, root, variant)
+            modules = root / "hf-modules"
+            jobs = {}
+            for variant in VARIANTS:
+                jobs[variant, "plain"] = ["load", str(dirs[variant]), "--plain"]
+                jobs[variant, "ours"] = ["load", str(dirs[variant])]
+            for variant in VARIANTS:
+                jobs[variant, "trusted"] = ["load", str(dirs[variant]), "--trust-remote-code"]
+            python = sys.executable if major == "v5" else python4
+            results = tools(python, *jobs.values(), watch=(*markers.values(), modules), modules=modules)
+            runs[major] = Results(zip(jobs, results, strict=True)), markers, modules
+        return runs[major]
+
+    return run
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("major", ["v5", "v4"])
+def test_custom_code_is_never_prompted_for_nor_run_unless_the_caller_trusts_it(custom_code_loads, major, variant):
+    loads, markers, modules = custom_code_loads(major)
+    plain, ours, trusted = (loads[variant, how] for how in ("plain", "ours", "trusted"))
+    marker = str(markers[variant])
+    # the real case: plain AutoTokenizer prompts (and, stdin being closed, gives up)
+    assert PROMPT in plain["stderr"]
+    assert plain["after"][marker] is None
+
     assert PROMPT not in ours["stderr"] and "[y/N]" not in ours["stderr"]
-    assert not marker.exists(), "the directory's Python code ran without trust_remote_code=True"
-    assert not modules.exists() or not any(modules.rglob("*custom*"))
+    assert ours["after"][marker] is None, "the directory's Python code ran without trust_remote_code=True"
+    copied = ours["after"][str(modules)]
+    assert copied is None or not any("custom" in Path(p).name for p in copied), copied
     assert ours["seconds"] < 10
     if "error" in ours:  # transformers' own refusal, unchanged: it needs the code and may not run it
         assert ours["error"] == "ValueError" and "trust_remote_code=True" in ours["message"], ours
     else:  # transformers 5 ignores config.json's auto_map for tokenizers: a built-in class, no custom one
         assert (major, variant) == ("v5", "config") and not ours["class"].startswith("Custom"), ours
 
-    trusted = tool(python, "load", str(directory), "--trust-remote-code", modules=modules)
     assert "error" not in trusted, trusted
     assert PROMPT not in trusted["stderr"]
-    assert marker.exists(), "trust_remote_code=True was not honoured"
+    assert trusted["after"][marker] == "file", "trust_remote_code=True was not honoured"
     if (major, variant) != ("v5", "config"):
         assert trusted["class"] == ("CustomTokenizer" if variant == "slow" else "CustomTokenizerFast")
     assert trusted["encodings"][0] == [7, 8]
