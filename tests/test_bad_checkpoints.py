@@ -9,7 +9,6 @@ written from a different random state, so any partial write would show.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import struct
 import time
@@ -87,7 +86,8 @@ def expect_failure(path, exc_type, *fragments, model=None, **kwargs) -> LoadErro
 # --------------------------------------------------------------------------- writing checkpoints
 
 
-def write_single(directory: Path, tensors: dict[str, torch.Tensor] | None = None, name: str = "model.safetensors") -> Path:
+def write_single(directory: Path, tensors: dict[str, torch.Tensor] | None = None,
+                 name: str = "model.safetensors") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     file = directory / name
     save_file(tensors if tensors is not None else ckpt_tensors(), str(file))
@@ -119,7 +119,8 @@ def header_of(file: Path) -> tuple[int, dict]:
 def last_tensor(file: Path) -> tuple[str, int, int]:
     """(name, absolute start, absolute end) of the tensor stored last in the file."""
     data_start, header = header_of(file)
-    name, info = max(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][1])
+    name, info = max(((k, v) for k, v in header.items() if k != "__metadata__"),
+                     key=lambda kv: kv[1]["data_offsets"][1])
     begin, end = info["data_offsets"]
     return name, data_start + begin, data_start + end
 
@@ -376,7 +377,8 @@ def test_every_plan_problem_is_reported_at_once(tmp_path):
     tensors["extra.weight"] = torch.ones(2)
     del tensors["fc2.bias"]
     error = expect_failure(write_single(tmp_path, tensors), LoadPlanError,
-                           "'fc1.weight'", "'fc2.weight'", "'extra.weight'", "fc2.bias", "missing", "nothing was loaded")
+                           "'fc1.weight'", "'fc2.weight'", "'extra.weight'", "fc2.bias", "missing", "nothing was "
+                                                                                                    "loaded")
     # a rejected tensor's parameter is also reported missing (it is indeed left unwritten)
     assert error.report.unexpected == ["extra.weight"]
     assert sorted(p.name for p in error.report.placements if p.kind == "rejected") == ["fc1.weight", "fc2.weight"]

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from diffulex_core.io import reader
 from diffulex_core.errors import CheckpointFormatError, LoadApplyError
+from diffulex_core.io import reader
 from diffulex_core.loader import load_checkpoint
 
 ORIGINAL = {"a.weight": torch.arange(12.0).view(3, 4), "b.weight": torch.full((4, 2), 7.0)}
@@ -77,7 +77,8 @@ def test_a_file_deleted_after_planning_is_still_read_as_planned(tmp_path):
 def test_a_file_truncated_in_place_after_planning_is_refused_before_writing(tmp_path):
     path = checkpoint(tmp_path)
     model = filled(lambda ckpt: os.truncate(tmp_path / "model.safetensors", 100))
-    with pytest.raises(CheckpointFormatError, match=r"model.safetensors changed after it was planned .*nothing was loaded"):
+    with pytest.raises(CheckpointFormatError, match=r"model.safetensors changed after it was planned .*nothing was "
+                                                    r"loaded"):
         load_checkpoint(model, path)
     assert all(torch.equal(p, torch.full_like(p, -1.0)) for p in model.parameters())
 
@@ -91,7 +92,8 @@ def test_an_io_error_while_reading_names_file_and_tensor(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(reader.os, "preadv", failing_preadv)  # the disk, not the code under test
     model = filled(meta=meta)
-    with pytest.raises(LoadApplyError, match=r"model.safetensors: tensors? .*'a.weight'.*reading failed \(Input/output error\)"):
+    with pytest.raises(LoadApplyError, match=r"model.safetensors: tensors? .*'a.weight'.*reading failed "
+                                             r"\(Input/output error\)"):
         load_checkpoint(model, path, device="cpu" if meta else None)
     if meta:
         assert all(p.is_meta for p in model.parameters())  # a failed load leaves it where it was

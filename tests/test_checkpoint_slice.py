@@ -10,11 +10,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from diffulex_core.checkpoint import LoadContext, ResolvedWeight
-from diffulex_core.files.headers import read_records
 from diffulex_core.checkpoint_slice import CheckpointSlice, takes_checkpoint_slices
-from diffulex_core.io.slices import ByteMeter
 from diffulex_core.errors import LoadPlanError, ParallelConfigError
 from diffulex_core.files.handles import OpenFiles
+from diffulex_core.files.headers import read_records
+from diffulex_core.io.slices import ByteMeter
 from diffulex_core.loader import load_checkpoint, plan_checkpoint
 from diffulex_core.parallel import ParallelState, current_parallel_state, parallel_state, use_parallel_state
 

@@ -250,7 +250,7 @@ def test_segments_cover_every_byte_once_on_disjoint_page_ranges(tmp_path, fds):
         by_file.setdefault(s.file, []).append((s.lo, s.hi))
     for ranges in by_file.values():
         ranges.sort()
-        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
     opened = fds(paths)
     maps = {p: registered._map_read_only(opened[p], sizes[p], p) for p in paths}
     try:
@@ -319,7 +319,7 @@ def test_random_layouts_with_gaps_and_repeats(tmp_path, fds, seed):
                                                                if i % 3 == k}, seed=seed * 3 + k) for k in range(3)]
     reads, dests = plan(paths)
     keep = torch.rand(len(reads), generator=gen) < 0.7
-    chosen = [r for r, k in zip(reads, keep.tolist()) if k]
+    chosen = [r for r, k in zip(reads, keep.tolist(), strict=True) if k]
     twice = [r._replace(dest=torch.zeros_like(r.dest), name=r.name + "#2") for r in chosen[::4]]
     ring_buffers = int(torch.randint(1, 5, (1,), generator=gen))
     buffer_bytes = int(torch.randint(64, 20000, (1,), generator=gen))
@@ -329,7 +329,7 @@ def test_random_layouts_with_gaps_and_repeats(tmp_path, fds, seed):
                    threads=int(torch.randint(1, 6, (1,), generator=gen)), backend=backend,
                    on_progress=progress.append, piece_bytes=int(torch.randint(16, 5000, (1,), generator=gen)))
     want = expected(paths)
-    for read, k in zip(reads, keep.tolist()):
+    for read, k in zip(reads, keep.tolist(), strict=True):
         if k:
             assert torch.equal(dests[read.name], want[read.name]), read.name
         else:
@@ -369,5 +369,5 @@ def test_a_family_loads_onto_cuda_through_the_chosen_path(tmp_path, cuda_path):
         model = build_llada({"vocab_size": 255}).to(torch.bfloat16)
     report = load_checkpoint(model, tmp_path, device="cuda", cuda_path=cuda_path)
     assert report.ok and f"cuda-{cuda_path}" in report.read_paths
-    for (name, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(source.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b.cpu()), name

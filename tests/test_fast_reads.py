@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from diffulex_core.io import reader
 from diffulex_core.checkpoint import ResolvedWeight, WeightDestination
 from diffulex_core.errors import LoadPlanError
+from diffulex_core.io import reader
 from diffulex_core.loader import load_checkpoint
 
 
@@ -71,7 +71,8 @@ def test_casts_are_exact_and_bounded(tmp_path, monkeypatch, threads):
     monkeypatch.setattr(reader, "CAST_CHUNK_BYTES", 1000)  # many chunks per tensor,
     monkeypatch.setattr(reader, "TASK_BYTES", 4000)  # spread over threads
     torch.manual_seed(1)
-    tensors = {"big": torch.randn(3001, 7).bfloat16(), "odd": torch.randn(333).bfloat16(), "empty": torch.zeros(0).bfloat16()}
+    tensors = {"big": torch.randn(3001, 7).bfloat16(), "odd": torch.randn(333).bfloat16(),
+               "empty": torch.zeros(0).bfloat16()}
     model = Flat({name: t.shape for name, t in tensors.items()}, torch.float32, requires_grad=True)  # as nn.Linear
     report = load_checkpoint(model, write(tmp_path, tensors), threads=threads)  # casts run on reader threads
     for name, value in tensors.items():
@@ -124,7 +125,8 @@ def test_a_declaration_that_does_not_fit_is_a_plan_problem_naming_the_parameter(
 
 
 def test_a_declaration_into_scattered_memory_falls_back_to_the_weight_loader(tmp_path):
-    columns = Declared(declare=lambda param, shape, shard: WeightDestination(param.data.narrow(1, 0, 4).narrow(0, 0, 4)))
+    columns = Declared(
+        declare=lambda param, shape, shard: WeightDestination(param.data.narrow(1, 0, 4).narrow(0, 0, 4)))
     tensors = {"s0": torch.arange(20.0).reshape(4, 5).narrow(1, 0, 4).contiguous()}
     columns.load = lambda param, loaded, shard_id: param.data.narrow(1, 0, 4).narrow(0, 0, 4).copy_(loaded)
     columns.w.weight_loader = columns.load

@@ -66,7 +66,8 @@ class ResolvedWeight:
     device: str = "cpu"
 '''
 
-CONVERTED = "converted from diffulex.utils.checkpoint.ResolvedWeight; import ResolvedWeight from diffulex_core.checkpoint instead"
+CONVERTED = ("converted from diffulex.utils.checkpoint.ResolvedWeight; "
+             "import ResolvedWeight from diffulex_core.checkpoint instead")
 
 
 @pytest.fixture
@@ -159,7 +160,8 @@ def test_a_class_with_other_fields_is_refused_naming_its_module_and_the_import_t
     _, other = diffulex
     path, _ = write(tmp_path, ["legacy.weight"])
     fix = ("that class has fields ours lacks: device, so it cannot be converted; import it from "
-           "diffulex_core.checkpoint (`from diffulex_core.checkpoint import ResolvedWeight`), not from diffulex.engine.weights")
+           "diffulex_core.checkpoint (`from diffulex_core.checkpoint import ResolvedWeight`), not from "
+           "diffulex.engine.weights")
     with pytest.raises(WeightSpecError) as excinfo:
         plan_checkpoint(SeedFamily(other.ResolvedWeight), path)
     assert str(excinfo.value) == (f"resolve_checkpoint_weight of module '<root>' returned diffulex.engine.weights."

@@ -52,7 +52,8 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float, what
     except subprocess.TimeoutExpired as exc:
         out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
         err = (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        raise AssertionError(f"{what} ran past {timeout} s\n--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}") from None
+        raise AssertionError(f"{what} ran past {timeout} s\n--- stdout\n{out[-6000:]}\n"
+                             f"--- stderr\n{err[-6000:]}") from None
     assert done.returncode == 0, (f"{what} exited with {done.returncode}\n--- stdout\n{done.stdout[-8000:]}"
                                   f"\n--- stderr\n{done.stderr[-8000:]}")
     return done.stdout

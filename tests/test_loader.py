@@ -102,7 +102,8 @@ def test_resolution_order_plugin_then_module_then_mapping_then_exact(resolver_pl
 def test_module_resolvers_are_asked_most_specific_prefix_first(use_plugins, tmp_path):
     use_plugins()
     model = OrderModel()
-    path = write(tmp_path, {"outer.inner.legacy.weight": torch.ones(2, 2), "outer.inner.outer_only.weight": torch.ones(2, 2)})
+    path = write(tmp_path, {"outer.inner.legacy.weight": torch.ones(2, 2),
+                            "outer.inner.outer_only.weight": torch.ones(2, 2)})
     report = plan_checkpoint(model, path, family="fam", config="cfg", strict=False).report
     got = {name: (p.target, p.rule) for name, p in placements(report).items()}
     assert got["outer.inner.legacy.weight"] == ("outer.inner.proj.weight", "module:outer.inner")
@@ -120,7 +121,8 @@ def test_plugin_resolver_gets_a_load_context(resolver_plugin, tmp_path):
     plan_checkpoint(OrderModel(), path, family="fam", config={"k": 1}, strict=False)
     [ctx] = diffulex_test_resolver.SEEN_CONTEXTS
     assert isinstance(ctx, LoadContext)
-    assert (ctx.full_name, ctx.family, ctx.config, ctx.tp_rank, ctx.tp_size) == ("by_plugin.weight", "fam", {"k": 1}, 0, 1)
+    assert (ctx.full_name, ctx.family, ctx.config, ctx.tp_rank, ctx.tp_size) == (
+        "by_plugin.weight", "fam", {"k": 1}, 0, 1)
     assert ctx.checkpoint == str(path)
 
 
@@ -215,7 +217,8 @@ def test_transform_and_shard_shapes_are_checked_before_writing(tmp_path):
     load_checkpoint(model, write(tmp_path / "ok", {"fc_t.weight": torch.arange(6.0).view(3, 2)}))
     assert torch.equal(model.fc.weight, torch.arange(6.0).view(3, 2).t())
     model.fc.weight.data.copy_(before)
-    with pytest.raises(LoadPlanError, match=r"fc_t.weight.*shape \[3, 3\] does not fit param 'fc.weight' of shape \[2, 3\]"):
+    with pytest.raises(LoadPlanError, match=r"fc_t.weight.*shape \[3, 3\] does not fit param 'fc.weight' of shape "
+                                            r"\[2, 3\]"):
         load_checkpoint(model, write(tmp_path / "bad", {"fc_t.weight": torch.ones(3, 3)}))
     assert torch.equal(model.fc.weight, before)
 
@@ -340,7 +343,8 @@ def test_load_model_seed_entry_point(tmp_path):
     assert torch.equal(model[0].weight, torch.full((2, 2), 2.0))
     model[0].weight.data.zero_()
     with pytest.raises(LoadError, match="LoRA adapter directory .*no-adapter does not exist"):
-        load_model(model, SimpleNamespace(**{**vars(config), "use_lora": True, "lora_path": str(tmp_path / "no-adapter")}))
+        load_model(model, SimpleNamespace(**{**vars(config), "use_lora": True,
+                                             "lora_path": str(tmp_path / "no-adapter")}))
     assert torch.equal(model[0].weight, torch.zeros(2, 2))
 
 
@@ -387,7 +391,8 @@ def test_mixed_sizes_chunked_batched_and_skipped_load_exactly(tmp_path, threads,
         if not name.startswith("unused."):
             assert torch.equal(state[name], value), name
     assert len(report.skipped) == 6
-    assert report.bytes_read == sum(v.numel() * v.element_size() for k, v in tensors.items() if not k.startswith("unused."))
+    assert report.bytes_read == sum(v.numel() * v.element_size() for k, v in tensors.items()
+                                    if not k.startswith("unused."))
     assert "loading" in capsys.readouterr().err  # the progress bar was drawn when asked for
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from engine_request import Req
 
 from diffulex_core.output import EngineRequest, GenerationOutputs, decode_token_ids_robust
+from engine_request import Req
 
 MASK = 99
 
@@ -201,7 +201,7 @@ def test_jsonl_and_dict_export(tmp_path):
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "hello": 3, "world": 4, "again": 5}

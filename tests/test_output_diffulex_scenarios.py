@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from engine_request import Req
-
 from diffulex_core.output import GenerationOutputs
+from engine_request import Req
 
 
 def dllm_req(req_id: int, *, is_prefilling: bool, new_tokens: int, running_sequence=(), block_size: int = 4,

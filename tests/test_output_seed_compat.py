@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import pytest
-from engine_request import Req
 
 from diffulex_core.output import GenerationOutputs, ReqStep, ReqTrajectory, decode_token_ids_robust
+from engine_request import Req
 
 M = 99  # the mask token id
 

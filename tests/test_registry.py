@@ -189,7 +189,8 @@ def test_fetch_factory_name_never_raises_and_falls_back_to_the_type(key):
 
 
 def test_fetch_factory_name_never_raises_on_mocks_and_odd_objects():
-    odd = [mock.Mock(), mock.MagicMock(), mock.Mock(spec=plain), mock.Mock(spec=Builder), object(), type("Anon", (), {})]
+    odd = [mock.Mock(), mock.MagicMock(), mock.Mock(spec=plain), mock.Mock(spec=Builder), object(),
+           type("Anon", (), {})]
     names = [fetch_factory_name(x) for x in odd]
     assert all(isinstance(n, str) and n and "<Mock" not in n for n in names), names
     assert names[:2] == ["unittest.mock.Mock", "unittest.mock.MagicMock"]

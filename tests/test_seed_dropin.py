@@ -114,7 +114,8 @@ def test_seed_style_family_loads_strict_from_a_transformers_checkpoint(family, h
     assert (by_name["model.norm.weight"].target, by_name["model.norm.weight"].rule) == ("final_norm.weight",
                                                                                         "packed_mapping:root")
     q = by_name["model.layers.0.self_attn.q_proj.weight"]
-    assert (q.target, q.shard_id, q.rule) == ("model.layers.0.self_attn.qkv_proj.weight", "q", "module:model.layers.0.self_attn")
+    assert (q.target, q.shard_id, q.rule) == ("model.layers.0.self_attn.qkv_proj.weight", "q",
+                                              "module:model.layers.0.self_attn")
     assert "checked when applied" in q.note and "item" in q.note
     assert by_name["model.layers.1.mlp.experts.3.down_proj.weight"].rule == "module:model.layers.1.mlp.experts"
     # What the undeclared loaders wrote is named, tensor by tensor.
@@ -144,7 +145,8 @@ def test_an_expert_nothing_writes_is_missing_and_the_model_is_untouched(family, 
     model = build(family, path, meta)
     before = {k: v.clone() for k, v in model.state_dict().items()} if not meta else None
     with pytest.raises(LoadPlanError, match=r"model\.layers\.0\.mlp\.experts\.w13_weight .*loaders wrote only "
-                                            rf"{(2 * EXPERTS - 1) * INTER * 32 * 4} of its {2 * EXPERTS * INTER * 32 * 4} bytes"):
+                                            rf"{(2 * EXPERTS - 1) * INTER * 32 * 4} of its "
+                                            rf"{2 * EXPERTS * INTER * 32 * 4} bytes"):
         load_checkpoint(model, path, device="cpu" if meta else None)
     if meta:
         assert all(t.is_meta for t in model.state_dict().values())  # back where it was
@@ -332,7 +334,8 @@ def test_a_mapping_value_from_the_models_root_as_in_diffulex_llada(tmp_path):
     report = load_checkpoint(model, path)
     rules = {p.name: (p.target, p.rule) for p in report.placements}
     assert rules == {"model.transformer.ff_out.weight": ("lm_head.weight", "packed_mapping:root"),
-                     "model.transformer.blocks.0.ff_out.weight": ("model.layers.0.mlp.down_proj.weight", "packed_mapping")}
+                     "model.transformer.blocks.0.ff_out.weight": ("model.layers.0.mlp.down_proj.weight",
+                                                                  "packed_mapping")}
     assert torch.equal(model.lm_head.weight, torch.full((3, 2), 2.0))
 
 

@@ -13,7 +13,7 @@ import torch
 
 from diffulex_core.loader import load_model
 from diffulex_core.registry import family_names
-from diffulex_core.testing import assert_clean_load, isolated_plugins, write_checkpoint, write_lora_adapter
+from diffulex_core.testing import assert_clean_load, isolated_plugins, write_checkpoint
 
 LLADA = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 1, "mlp_hidden_size": 48, "vocab_size": 64,
          "weight_tying": False}
@@ -56,14 +56,15 @@ def test_isolated_plugins_hold_only_the_named_plugins():
 
 def test_a_failing_plugin_is_reported_not_raised(diffulex_plugins):
     class Typo:
-        def diffulex_register_famillies(self, register):  # noqa: the typo under test
+        def diffulex_register_famillies(self, register):  # the typo under test
             pass
 
     from diffulex_core import hookimpl
 
     Typo.diffulex_register_famillies = hookimpl(Typo.diffulex_register_famillies)
     plugins = diffulex_plugins(typo=Typo())
-    assert "diffulex_register_famillies" in plugins.failures[0].message and "did you mean" in plugins.failures[0].message
+    message = plugins.failures[0].message
+    assert "diffulex_register_famillies" in message and "did you mean" in message
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -75,7 +76,8 @@ def test_write_checkpoint_single_or_sharded_loads_back(tmp_path, shards):
     if shards > 1:
         index = json.loads((path / "model.safetensors.index.json").read_text())
         assert sorted(set(index["weight_map"].values())) == files
-    report = assert_clean_load(twin, path, rules={"*.q_proj.weight": "packed_mapping", "*.wte.weight": "packed_mapping"})
+    report = assert_clean_load(twin, path,
+                               rules={"*.q_proj.weight": "packed_mapping", "*.wte.weight": "packed_mapping"})
     assert report.ok
     ids = torch.randint(0, 64, (2, 5))
     with torch.no_grad():
@@ -108,9 +110,11 @@ def test_write_lora_adapter_is_read_by_peft_and_by_the_loader(tmp_path, diffulex
     q, down = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
     adapters = {q: (torch.randn(4, 32), torch.randn(32, 4)), down: (torch.randn(2, 48), torch.randn(32, 2))}
     adapter = diffulex_lora_adapter(adapters, lora_alpha=8)
-    assert json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"] == {r"model\.layers\.0\.mlp\.down_proj": 2}
+    rank_pattern = json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"]
+    assert rank_pattern == {r"model\.layers\.0\.mlp\.down_proj": 2}
     peft_model = peft.PeftModel.from_pretrained(reference, adapter).eval()
-    assert torch.equal(peft_model.base_model.model.model.layers[0].mlp.down_proj.lora_B["default"].weight, adapters[down][1])
+    down_proj = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    assert torch.equal(down_proj.lora_B["default"].weight, adapters[down][1])
     from diffulex_dream.model import build_dream
 
     ours = load_model(build_dream(config.to_dict()).eval(), SimpleNamespace(

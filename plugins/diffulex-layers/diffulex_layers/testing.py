@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -279,12 +278,6 @@ def simulated_rank(rank: int, size: int) -> ParallelState:
     return ParallelState(rank, size, group, rank, size, group)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_on_ranks(script: str, checks: list[Callable[[int], None]], tmp_path: Path, world: int = 2,
                  wait_seconds: float = 120) -> None:
     """Run ``script`` as ``world`` gloo ranks on CPU (the script calls ``rank_main(checks)`` when run
@@ -294,8 +287,9 @@ def run_on_ranks(script: str, checks: list[Callable[[int], None]], tmp_path: Pat
     path = os.pathsep.join([*roots, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     logs = [tmp_path / f"rank{rank}.log" for rank in range(world)]
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, script, str(rank), str(world), str(port)], env=env,
+    rendezvous = tmp_path / "rendezvous"  # a FileStore: no TCP store thread that can outlive its rank at exit
+    rendezvous.unlink(missing_ok=True)
+    procs = [subprocess.Popen([sys.executable, script, str(rank), str(world), str(rendezvous)], env=env,
                               stdout=log.open("w"), stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
     deadline = time.monotonic() + wait_seconds
     try:  # a rank that fails leaves the other waiting in a collective: stop it at once
@@ -315,9 +309,9 @@ def run_on_ranks(script: str, checks: list[Callable[[int], None]], tmp_path: Pat
 
 
 def rank_main(checks: list[Callable[[int], None]]) -> None:
-    """One rank of ``run_on_ranks``: join the group from ``argv`` (rank, world, port), run the checks."""
-    rank, world, port = (int(arg) for arg in sys.argv[1:4])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    """One rank of ``run_on_ranks``: join the group from ``argv`` (rank, world, rendezvous file), run the checks."""
+    rank, world, rendezvous = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
         for check in checks:

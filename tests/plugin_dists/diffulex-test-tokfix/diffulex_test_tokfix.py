@@ -2,6 +2,7 @@
 
 from diffulex_core import hookimpl
 
+
 @hookimpl
 def diffulex_fix_tokenizer(path, tokenizer_config, error):
     wanted = tokenizer_config.get("tokenizer_class")

@@ -93,7 +93,8 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, c: Mapping[str, Any]) -> None:
         super().__init__()
         self.gate = nn.Linear(c["hidden_size"], c.get("num_experts") or c["num_local_experts"], bias=False)
-        self.experts = FusedMoE(c.get("num_experts") or c["num_local_experts"], c["hidden_size"], c["moe_intermediate_size"])
+        self.experts = FusedMoE(c.get("num_experts") or c["num_local_experts"], c["hidden_size"],
+                                c["moe_intermediate_size"])
 
 
 class DecoderLayer(nn.Module):
